@@ -1,0 +1,38 @@
+# Two entry points, both self-contained on a fresh machine:
+#   make lab   - install everything, start JupyterLab on notebooks/
+#   make test  - install everything, fetch SmolLM2 once, run unit tests + kernels + notebooks
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+# CPU-only machines get this CPU build of torch (it lies on disk on our dev/CI machines);
+# a torch that is already importable (e.g. a GPU user's CUDA build) is kept as it is.
+CPU_TORCH ?= 2.13.0
+STAMP  := $(VENV)/.installed
+
+.PHONY: install lab test model clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	$(PYTHON) -m venv --system-site-packages $(VENV)
+	@if $(BIN)/python -c "import torch" 2>/dev/null; then \
+		echo "keeping installed torch $$($(BIN)/python -c 'import torch; print(torch.__version__)')"; \
+	elif command -v nvidia-smi >/dev/null 2>&1; then \
+		$(BIN)/python -m pip install torch; \
+	else \
+		$(BIN)/python -m pip install "torch==$(CPU_TORCH)"; \
+	fi
+	$(BIN)/python -m pip install -e ".[dev,notebooks]"
+	touch $@
+
+model: $(STAMP)
+	$(BIN)/python -m tinyserve.weights.registry fetch smollm2
+
+lab: model
+	$(BIN)/jupyter lab --notebook-dir=notebooks
+
+test: model
+	$(BIN)/python -m pytest --nbval-lax -p no:cacheprovider tests notebooks
+
+clean:
+	rm -rf $(VENV)
