@@ -1,0 +1,55 @@
+"""Shared fixtures. TRITON_INTERPRET must be set before anything imports triton."""
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+torch.set_num_threads(max(1, os.cpu_count() or 1))
+
+
+def smollm2_path():
+    """The real model file; tests that need it skip (with the reason) if it is not cached."""
+    from tinyserve.weights import registry
+    env = os.environ.get("TINYSERVE_SMOLLM2")
+    if env:
+        return env
+    p = registry.cached_path("smollm2")
+    if p is None:
+        pytest.skip("SmolLM2 GGUF not cached: run `make model` (make test does it first)")
+    return str(p)
+
+
+@pytest.fixture(scope="session")
+def smollm2_file():
+    return smollm2_path()
+
+
+@pytest.fixture(scope="session")
+def smollm2(smollm2_file):
+    """(model, tokenizer) in fp32 on CPU, loaded once per test session."""
+    from tinyserve import load_model
+    return load_model(smollm2_file, device="cpu", dtype=torch.float32)
+
+
+@pytest.fixture(scope="session")
+def hf_smollm2(smollm2_file):
+    """HF transformers' own reading of the same GGUF: the independent oracle."""
+    transformers = pytest.importorskip("transformers")
+    from pathlib import Path
+    p = Path(smollm2_file)
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        str(p.parent), gguf_file=p.name, dtype=torch.float32).eval()
+    tok = transformers.AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name)
+    return model, tok
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

@@ -1,0 +1,147 @@
+"""Autoregressive generation with the KV cache: one batched prefill, then one token per step.
+
+    prefill:  model(all prompt tokens, cache)  -> logits of each prompt's last token
+    decode:   model(one new token per row, cache) -> next logits, repeated until every row stops
+
+Prompts of different lengths are right-padded into one batch; the cache keeps a length per row,
+so each row's positions and attention span are its own and padding never reaches the output.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Iterator, Sequence
+
+import torch
+
+from .kv_cache import KVCache
+from .sampling import SamplingParams, make_generator, sample
+
+
+@dataclass
+class Update:
+    """What one step did to one request row: the token it appended and the new text."""
+    row: int
+    token_id: int
+    text_delta: str
+    finish_reason: str | None  # "stop" | "length" | None while running
+
+
+@dataclass
+class _Row:
+    prompt: list[int]
+    params: SamplingParams
+    generator: torch.Generator | None
+    stop_ids: set[int]
+    limit: int                        # tokens this row may generate (max_tokens, capped by context)
+    out: list[int] = field(default_factory=list)
+    text: str = ""                    # decoded output, truncated at a stop string
+    emitted: int = 0                  # characters of `text` already streamed
+    finish_reason: str | None = None
+
+
+def check_prompt(prompt: Sequence[int], context: int):
+    if len(prompt) == 0:
+        raise ValueError("empty prompt: give at least one token (or non-empty text)")
+    if len(prompt) >= context:
+        raise ValueError(f"prompt has {len(prompt)} tokens but the model's context is {context}: "
+                         f"no room to generate")
+
+
+def _update_text(row: _Row, tokenizer) -> str:
+    """Re-decode the output, apply stop strings, and return the text safe to stream now."""
+    ids = row.out[:-1] if row.out and row.out[-1] in row.stop_ids else row.out
+    text = tokenizer.decode(ids, skip_special_tokens=True)
+    for s in row.params.stop:
+        at = text.find(s)
+        if at != -1:
+            text, row.finish_reason = text[:at], "stop"
+    row.text = text
+    if row.finish_reason is None:
+        # Hold back an incomplete UTF-8 sequence, and any tail that may be the start of a stop
+        # string, until the next tokens settle it.
+        hold = max((len(s) - 1 for s in row.params.stop), default=0)
+        safe = len(text) - hold
+        while safe > row.emitted and text[safe - 1] == "\ufffd":
+            safe -= 1
+    else:
+        safe = len(text)
+    delta, row.emitted = text[row.emitted:max(safe, row.emitted)], max(safe, row.emitted)
+    return delta
+
+
+@torch.no_grad()
+def decode_loop(model, prompts: Sequence[Sequence[int]], params: Sequence[SamplingParams],
+                tokenizer=None, eos_ids: Sequence[int] = (), stats: dict | None = None
+                ) -> Iterator[list[Update]]:
+    """Run a batch to completion, yielding the list of row updates after every step.
+
+    ``eos_ids`` end a row unless its params say ``ignore_eos``; ``tokenizer`` (optional) turns
+    tokens into text deltas and enables stop strings. ``stats`` receives timings and counts.
+    """
+    if len(prompts) != len(params):
+        raise ValueError(f"{len(prompts)} prompts but {len(params)} SamplingParams")
+    ctx, dev = model.config.max_position_embeddings, model.device
+    rows = []
+    for i, (p, sp) in enumerate(zip(prompts, params)):
+        check_prompt(p, ctx)
+        if sp.stop and tokenizer is None:
+            raise ValueError("stop strings need a tokenizer")
+        seed = None if sp.seed is None else sp.seed + i  # distinct streams for the n copies
+        stop_ids = set(sp.stop_token_ids) | (set() if sp.ignore_eos else set(eos_ids))
+        rows.append(_Row(list(p), sp, make_generator(seed, dev), stop_ids,
+                         min(sp.max_tokens, ctx - len(p))))
+    B = len(rows)
+    max_len = max(len(r.prompt) + r.limit for r in rows)
+    cache = KVCache(model.config, B, max_len, dtype=model.dtype, device=dev)
+
+    T = max(len(r.prompt) for r in rows)
+    ids = torch.zeros(B, T, dtype=torch.long)
+    for b, r in enumerate(rows):
+        ids[b, :len(r.prompt)] = torch.tensor(r.prompt)
+    num_new = torch.tensor([len(r.prompt) for r in rows], device=dev)
+    t0 = time.perf_counter()
+    logits = model(ids.to(dev), cache, num_new=num_new, last_only=True)[:, 0]
+    t_prefill = time.perf_counter() - t0
+    steps = 0
+    while True:
+        active = [b for b, r in enumerate(rows) if r.finish_reason is None]
+        next_ids = sample(logits[active], [rows[b].params for b in active],
+                          [rows[b].generator for b in active]).tolist()
+        updates = []
+        for b, tok in zip(active, next_ids):
+            r = rows[b]
+            r.out.append(tok)
+            if tok in r.stop_ids:
+                r.finish_reason = "stop"
+            delta = _update_text(r, tokenizer) if tokenizer is not None else ""
+            if r.finish_reason is None and len(r.out) >= r.limit:
+                r.finish_reason = "length"
+                if tokenizer is not None:
+                    delta += _update_text(r, tokenizer)
+            updates.append(Update(b, tok, delta, r.finish_reason))
+        yield updates
+        steps += 1
+        live = torch.tensor([r.finish_reason is None for r in rows], device=dev)
+        if not live.any():
+            break
+        # Finished rows ride along with num_new = 0: nothing of theirs is written or read.
+        step_ids = torch.tensor([[r.out[-1]] for r in rows], device=dev)
+        logits = model(step_ids, cache, num_new=live.long(), last_only=True)[:, 0]
+    if stats is not None:
+        stats.update(prefill_s=t_prefill, total_s=time.perf_counter() - t0,
+                     prompt_tokens=int(num_new.sum()),
+                     generated_tokens=sum(len(r.out) for r in rows), steps=steps)
+
+
+def generate_ids(model, prompts: Sequence[Sequence[int]], max_new_tokens: int = 32,
+                 params: SamplingParams | None = None, stop_token_ids: Sequence[int] = (),
+                 ignore_eos: bool = False) -> list[list[int]]:
+    """Token-level generation (greedy unless ``params`` say otherwise): -> new ids per prompt."""
+    if params is None:
+        params = SamplingParams(temperature=0.0, max_tokens=max_new_tokens, ignore_eos=ignore_eos)
+    out = [[] for _ in prompts]
+    for updates in decode_loop(model, prompts, [params] * len(prompts), eos_ids=stop_token_ids):
+        for u in updates:
+            out[u.row].append(u.token_id)
+    return out

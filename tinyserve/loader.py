@@ -1,0 +1,91 @@
+"""``load_model``: a name, a .gguf path or an HF directory -> (Transformer, Tokenizer)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from .model import Transformer
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
+           "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' requested but torch sees no CUDA device")
+    return device
+
+
+def resolve_dtype(dtype, device: torch.device) -> torch.dtype:
+    """None -> bf16 on CUDA (tensor cores, half the bytes), fp32 on CPU (bf16 matmul is slow
+    on most CPUs, and fp32 is what the reference comparisons use)."""
+    if dtype is None:
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if isinstance(dtype, str):
+        if dtype not in _DTYPES:
+            raise ValueError(f"unknown dtype {dtype!r}; expected one of {sorted(_DTYPES)}")
+        return _DTYPES[dtype]
+    if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
+    return dtype
+
+
+def resolve_source(name_or_path: str | os.PathLike) -> Path:
+    """A registry name (fetched on first use), a .gguf file, or an HF directory."""
+    from .weights import registry
+
+    p = Path(name_or_path)
+    if p.exists():
+        return p
+    if isinstance(name_or_path, str) and _is_registered(name_or_path):
+        return registry.model_path(name_or_path)
+    looks_like_path = isinstance(name_or_path, os.PathLike) or os.sep in str(name_or_path) \
+        or str(name_or_path).endswith(".gguf")
+    if looks_like_path:
+        raise FileNotFoundError(f"model file or directory not found: {name_or_path}")
+    raise ValueError(f"unknown model {name_or_path!r}: not a file or directory, and not one of "
+                     f"the named models {registry.known_names()}")
+
+
+def _is_registered(name: str) -> bool:
+    from .weights import registry
+    try:
+        registry.resolve(name)
+        return True
+    except ValueError:
+        return False
+
+
+def load_model(name_or_path="smollm2", device="auto", dtype=None, backend="auto"):
+    """-> (model, tokenizer). The model is in eval mode on ``device`` in ``dtype``."""
+    from .tokenizer import Tokenizer
+
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev)
+    src = resolve_source(name_or_path)
+    packed = {}
+    if src.is_dir():
+        from .weights.safetensors import load_hf_dir
+        config, state = load_hf_dir(src, dt)
+        tokenizer = Tokenizer.from_dir(src)
+        source = str(src)
+    elif src.suffix == ".gguf" or src.is_file():
+        from .weights.gguf import load_gguf
+        config, state, packed, gfile = load_gguf(src, dt)
+        tokenizer = Tokenizer.from_gguf(gfile.reader)
+        source = str(src)
+    model = Transformer(config, backend=backend)
+    factors = config.extra.get("rope_freq_factors")
+    if factors is not None:  # GGUF Llama-3: rope scaling stored as per-frequency divisors
+        from .ops.rope import rope_inv_freq
+        model.inv_freq = rope_inv_freq(config.head_dim, config.rope_theta, freq_factors=factors)
+    model.to(dtype=dt)
+    model.load_weights(state, source)
+    model.packed_weights = packed
+    model.source = source
+    return model.to(dev).eval(), tokenizer

@@ -1,0 +1,189 @@
+"""LLaMA-family decoder (LLaMA, Mistral, Qwen2, SmolLM2) written against ``tinyserve.ops``.
+
+    x = embed(ids)
+    for each layer:  x += attn(rms_norm(x));  x += mlp(rms_norm(x))
+    logits = lm_head(rms_norm(x))
+
+Parameter names (the canonical state dict every loader produces):
+    embed.weight [V, D]               norm.weight [D]            lm_head.weight [V, D] (if untied)
+    layers.{i}.attn_norm.weight [D]   layers.{i}.mlp_norm.weight [D]
+    layers.{i}.attn.{wq,wk,wv,wo}.weight (+ .bias for wq/wk/wv when config.attention_bias)
+    layers.{i}.mlp.{w_gate,w_up,w_down}.weight
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from . import ops
+from .config import ModelConfig
+from .kv_cache import KVCache
+
+
+class WeightsError(ValueError):
+    """A state dict that does not fit the model: missing, unexpected or mis-shaped tensors."""
+
+
+class Linear(nn.Module):
+    """Weight [out, in] (+ bias) applied through ops.linear; quantized variants replace it."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
+        self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
+
+    def forward(self, x, backend="auto"):
+        return ops.linear(x, self.weight, self.bias, backend=backend)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim), requires_grad=False)
+        self.eps = eps
+
+    def forward(self, x, backend="auto"):
+        return ops.rms_norm(x, self.weight, self.eps, backend=backend)
+
+
+class Attention(nn.Module):
+    def __init__(self, c: ModelConfig):
+        super().__init__()
+        self.c = c
+        self.wq = Linear(c.hidden_size, c.num_heads * c.head_dim, c.attention_bias)
+        self.wk = Linear(c.hidden_size, c.num_kv_heads * c.head_dim, c.attention_bias)
+        self.wv = Linear(c.hidden_size, c.num_kv_heads * c.head_dim, c.attention_bias)
+        self.wo = Linear(c.num_heads * c.head_dim, c.hidden_size)
+
+    def forward(self, x, cos, sin, positions, valid, layer, cache: KVCache | None, backend):
+        B, T, _ = x.shape
+        c = self.c
+        q = self.wq(x, backend).view(B, T, c.num_heads, c.head_dim).transpose(1, 2)
+        k = self.wk(x, backend).view(B, T, c.num_kv_heads, c.head_dim).transpose(1, 2)
+        v = self.wv(x, backend).view(B, T, c.num_kv_heads, c.head_dim).transpose(1, 2)
+        q, k = ops.apply_rope(q, k, cos, sin, backend=backend)
+        if cache is None:  # no-cache baseline: the keys are exactly this call's tokens
+            kv_len = valid.sum(1)
+        else:
+            cache.write(layer, k, v, positions, valid)
+            kv_len = cache.lengths + valid.sum(1)
+            S = int(kv_len.max())  # attend over the live prefix only, not all of max_seq_len
+            k, v = cache.k[layer][:, :, :S], cache.v[layer][:, :, :S]
+        o = ops.attention(q, k, v, positions, kv_len, backend=backend)     # [B, Hq, T, D]
+        return self.wo(o.transpose(1, 2).reshape(B, T, -1), backend)
+
+
+class MLP(nn.Module):
+    def __init__(self, c: ModelConfig):
+        super().__init__()
+        self.w_gate = Linear(c.hidden_size, c.intermediate_size)
+        self.w_up = Linear(c.hidden_size, c.intermediate_size)
+        self.w_down = Linear(c.intermediate_size, c.hidden_size)
+
+    def forward(self, x, backend):
+        return self.w_down(ops.swiglu(self.w_gate(x, backend), self.w_up(x, backend),
+                                      backend=backend), backend)
+
+
+class Block(nn.Module):
+    def __init__(self, c: ModelConfig):
+        super().__init__()
+        self.attn_norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.attn = Attention(c)
+        self.mlp_norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.mlp = MLP(c)
+
+
+class Transformer(nn.Module):
+    def __init__(self, config: ModelConfig, backend: str = "auto"):
+        super().__init__()
+        ops.check_backend(backend)
+        self.config, self.backend = config, backend
+        c = config
+        self.embed = nn.Embedding(c.vocab_size, c.hidden_size)
+        self.embed.weight.requires_grad_(False)
+        self.layers = nn.ModuleList(Block(c) for _ in range(c.num_layers))
+        self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.lm_head = None if c.tie_word_embeddings else Linear(c.hidden_size, c.vocab_size)
+        self.register_buffer("inv_freq", ops.rope.rope_inv_freq(c.head_dim, c.rope_theta,
+                                                                c.rope_scaling), persistent=False)
+        # Quantized tensors as stored in the source file (e.g. GGUF Q4_1 blocks), keyed by
+        # parameter name; the quantization chapter runs kernels on these directly.
+        self.packed_weights: dict = {}
+
+    # ---- weights -------------------------------------------------------------------------
+    def expected_shapes(self) -> dict[str, tuple[int, ...]]:
+        return {n: tuple(p.shape) for n, p in self.named_parameters()}
+
+    def load_weights(self, state: dict[str, torch.Tensor], source: str = "state dict"):
+        """Copy ``state`` in, casting to the model's dtype; names and shapes must match exactly."""
+        expected = self.expected_shapes()
+        missing = sorted(set(expected) - set(state))
+        unexpected = sorted(set(state) - set(expected))
+        if missing or unexpected:
+            raise WeightsError(f"{source}: missing tensors {missing[:8]}"
+                               f"{'...' if len(missing) > 8 else ''}, unexpected {unexpected[:8]}")
+        bad = [f"{n}: expected {expected[n]}, got {tuple(t.shape)}"
+               for n, t in state.items() if tuple(t.shape) != expected[n]]
+        if bad:
+            raise WeightsError(f"{source}: wrong tensor shapes: " + "; ".join(bad[:8]))
+        params = dict(self.named_parameters())
+        with torch.no_grad():
+            for n, t in state.items():
+                params[n].copy_(t)
+
+    @property
+    def lm_head_weight(self) -> torch.Tensor:
+        return self.embed.weight if self.lm_head is None else self.lm_head.weight
+
+    @property
+    def device(self):
+        return self.embed.weight.device
+
+    @property
+    def dtype(self):
+        return self.embed.weight.dtype
+
+    # ---- forward -------------------------------------------------------------------------
+    @torch.no_grad()
+    def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None,
+                num_new: torch.Tensor | None = None, last_only: bool = False) -> torch.Tensor:
+        """input_ids: [B, T] -> logits [B, T, V] (or [B, 1, V] with ``last_only``).
+
+        Without a cache, the T tokens are the whole sequence (the recompute-everything
+        baseline). With one, they continue each row after ``cache.lengths[b]`` tokens and are
+        appended to it. ``num_new[b] <= T`` says how many of row b's tokens are real (the rest
+        is right padding); ``last_only`` keeps only the logits of each row's last real token,
+        which is all generation needs and saves the [T, D] x [D, V] LM-head matmul.
+        """
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
+        B, T = input_ids.shape
+        dev = self.device
+        input_ids = input_ids.to(dev)
+        if num_new is None:
+            num_new = torch.full((B,), T, dtype=torch.long, device=dev)
+        num_new = num_new.to(dev)
+        if (input_ids < 0).any() or (input_ids >= self.config.vocab_size).any():
+            raise ValueError(f"token ids must be in [0, {self.config.vocab_size})")
+        start = cache.lengths if cache is not None else torch.zeros_like(num_new)
+        if cache is not None:
+            if cache.batch_size != B:
+                raise ValueError(f"cache batch {cache.batch_size} != input batch {B}")
+            cache.check_room(num_new)
+        t = torch.arange(T, device=dev)
+        positions = start[:, None] + t                                      # [B, T]
+        valid = t[None, :] < num_new[:, None]                              # [B, T]
+        cos, sin = ops.rope_cos_sin(positions, self.inv_freq)
+
+        be = self.backend
+        x = self.embed(input_ids)
+        for i, blk in enumerate(self.layers):
+            x = x + blk.attn(blk.attn_norm(x, be), cos, sin, positions, valid, i, cache, be)
+            x = x + blk.mlp(blk.mlp_norm(x, be), be)
+        if cache is not None:
+            cache.lengths += num_new
+        if last_only:
+            x = x[torch.arange(B, device=dev), (num_new - 1).clamp(min=0)][:, None]
+        x = self.norm(x, be)
+        return ops.linear(x, self.lm_head_weight, backend=be)

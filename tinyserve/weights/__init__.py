@@ -1,0 +1,1 @@
+"""Model weights: the registry of embedded models, download/cache, and loading."""
