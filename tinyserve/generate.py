@@ -83,13 +83,12 @@ def decode_loop(model, prompts: Sequence[Sequence[int]], params: Sequence[Sampli
         raise ValueError(f"{len(prompts)} prompts but {len(params)} SamplingParams")
     ctx, dev = model.config.max_position_embeddings, model.device
     rows = []
-    for i, (p, sp) in enumerate(zip(prompts, params)):
+    for p, sp in zip(prompts, params):
         check_prompt(p, ctx)
         if sp.stop and tokenizer is None:
             raise ValueError("stop strings need a tokenizer")
-        seed = None if sp.seed is None else sp.seed + i  # distinct streams for the n copies
         stop_ids = set(sp.stop_token_ids) | (set() if sp.ignore_eos else set(eos_ids))
-        rows.append(_Row(list(p), sp, make_generator(seed, dev), stop_ids,
+        rows.append(_Row(list(p), sp, make_generator(sp.seed, dev), stop_ids,
                          min(sp.max_tokens, ctx - len(p))))
     B = len(rows)
     max_len = max(len(r.prompt) + r.limit for r in rows)
