@@ -1,0 +1,92 @@
+"""The reference model and KV cache on a tiny random LLaMA (fast; no files needed)."""
+import pytest
+import torch
+
+from tinyserve.config import ModelConfig
+from tinyserve.kv_cache import KVCache
+from tinyserve.model import Transformer, WeightsError
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=97, hidden_size=48, intermediate_size=96, num_layers=2,
+                      num_heads=6, num_kv_heads=2, head_dim=8, max_position_embeddings=64)
+    m = Transformer(cfg).eval()
+    for p in m.parameters():
+        p.data.normal_(0, 0.3)
+    return m
+
+
+def test_cache_steps_equal_full_recompute(tiny):
+    ids = torch.randint(0, 97, (3, 11))
+    full = tiny(ids)
+    cache = KVCache(tiny.config, 3, 16)
+    parts = [tiny(ids[:, :5], cache), tiny(ids[:, 5:6], cache), tiny(ids[:, 6:], cache)]
+    assert torch.allclose(torch.cat(parts, 1), full, atol=1e-5, rtol=1e-5)
+    assert cache.lengths.tolist() == [11, 11, 11]
+
+
+def test_right_padded_rows_equal_rows_alone(tiny):
+    lens = [9, 3, 6]
+    ids = torch.randint(0, 97, (3, 9))
+    cache = KVCache(tiny.config, 3, 12)
+    last = tiny(ids, cache, num_new=torch.tensor(lens), last_only=True)[:, 0]
+    nxt = torch.randint(0, 97, (3, 1))
+    step = tiny(nxt, cache, last_only=True)[:, 0]
+    for b, n in enumerate(lens):
+        alone = tiny(torch.cat([ids[b:b + 1, :n], nxt[b:b + 1]], 1))
+        assert torch.allclose(last[b], alone[0, n - 1], atol=1e-5)
+        assert torch.allclose(step[b], alone[0, n], atol=1e-5)
+    assert cache.lengths.tolist() == [10, 4, 7]
+
+
+def test_rows_with_zero_new_tokens_are_untouched(tiny):
+    ids = torch.randint(0, 97, (2, 4))
+    cache = KVCache(tiny.config, 2, 8)
+    tiny(ids, cache)
+    k_before = [k[1].clone() for k in cache.k]
+    tiny(torch.randint(0, 97, (2, 1)), cache, num_new=torch.tensor([1, 0]))
+    assert cache.lengths.tolist() == [5, 4]
+    assert all(torch.equal(k[1], kb) for k, kb in zip(cache.k, k_before))
+
+
+def test_truncate_then_rewrite_equals_fresh_decode(tiny):
+    ids = torch.randint(0, 97, (1, 8))
+    cache = KVCache(tiny.config, 1, 8)
+    tiny(ids[:, :6], cache)
+    tiny(torch.randint(0, 97, (1, 2)), cache)          # tokens that get "rejected"
+    cache.truncate([6])
+    out = tiny(ids[:, 6:], cache)
+    assert torch.allclose(out, tiny(ids)[:, 6:], atol=1e-5)
+    with pytest.raises(ValueError, match="truncate"):
+        cache.truncate([9])
+
+
+def test_bad_inputs(tiny):
+    cache = KVCache(tiny.config, 1, 4)
+    with pytest.raises(ValueError, match="holds 4 tokens"):
+        tiny(torch.zeros(1, 5, dtype=torch.long), cache)
+    with pytest.raises(ValueError, match="token ids"):
+        tiny(torch.tensor([[97]]))
+    with pytest.raises(ValueError, match=r"\[batch, seq\]"):
+        tiny(torch.tensor([1, 2]))
+    with pytest.raises(WeightsError, match="missing tensors"):
+        tiny.load_weights({})
+    sd = {n: p.clone() for n, p in tiny.named_parameters()}
+    sd["layers.0.attn.wq.weight"] = torch.zeros(5, 5)
+    with pytest.raises(WeightsError, match=r"layers.0.attn.wq.weight: expected \(48, 48\)"):
+        tiny.load_weights(sd)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_close_to_fp32(tiny, dtype):
+    ids = torch.randint(0, 97, (1, 7))
+    ref = tiny(ids)
+    half = Transformer(tiny.config).eval()
+    half.load_weights(dict(tiny.named_parameters()))
+    half.to(dtype)
+    out = half(ids).float()
+    err = (out - ref).abs().max() / ref.abs().max()
+    print(f"{dtype}: max relative logit error {err:.3e}")
+    assert err < 0.05
