@@ -73,18 +73,25 @@ def load_model(name_or_path="smollm2", device="auto", dtype=None, backend="auto"
         from .weights.safetensors import load_hf_dir
         config, state = load_hf_dir(src, dt)
         tokenizer = Tokenizer.from_dir(src)
-        source = str(src)
-    elif src.suffix == ".gguf" or src.is_file():
+    elif src.is_file():
+        if src.suffix in (".safetensors", ".bin", ".pt", ".pth") or src.name == "config.json":
+            from .weights.safetensors import CheckpointError
+            raise CheckpointError(f"{src} is one file of an HF checkpoint: pass the directory "
+                                  f"that holds config.json and the *.safetensors files")
         from .weights.gguf import load_gguf
         config, state, packed, gfile = load_gguf(src, dt)
         tokenizer = Tokenizer.from_gguf(gfile.reader)
-        source = str(src)
+    else:
+        raise ValueError(f"{src} is neither a file nor a directory")
+    source = str(src)
     model = Transformer(config, backend=backend)
     factors = config.extra.get("rope_freq_factors")
     if factors is not None:  # GGUF Llama-3: rope scaling stored as per-frequency divisors
         from .ops.rope import rope_inv_freq
         model.inv_freq = rope_inv_freq(config.head_dim, config.rope_theta, freq_factors=factors)
+    inv_freq = model.inv_freq
     model.to(dtype=dt)
+    model.inv_freq = inv_freq.float()  # RoPE frequencies stay fp32 (bf16 would blur them)
     model.load_weights(state, source)
     model.packed_weights = packed
     model.source = source
