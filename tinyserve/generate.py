@@ -101,6 +101,8 @@ def decode_loop(model, prompts: Sequence[Sequence[int]], params: Sequence[Sampli
     num_new = torch.tensor([len(r.prompt) for r in rows], device=dev)
     t0 = time.perf_counter()
     logits = model(ids.to(dev), cache, num_new=num_new, last_only=True)[:, 0]
+    if dev.type == "cuda":  # kernels run asynchronously: wait before reading the clock
+        torch.cuda.synchronize()
     t_prefill = time.perf_counter() - t0
     steps = 0
     while True:
@@ -128,6 +130,8 @@ def decode_loop(model, prompts: Sequence[Sequence[int]], params: Sequence[Sampli
         step_ids = torch.tensor([[r.out[-1]] for r in rows], device=dev)
         logits = model(step_ids, cache, num_new=live.long(), last_only=True)[:, 0]
     if stats is not None:
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
         stats.update(prefill_s=t_prefill, total_s=time.perf_counter() - t0,
                      prompt_tokens=int(num_new.sum()),
                      generated_tokens=sum(len(r.out) for r in rows), steps=steps)
