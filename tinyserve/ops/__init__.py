@@ -8,8 +8,8 @@ from .rope import rope_cos_sin, apply_rope, apply_rope_ref
 from .swiglu import swiglu, swiglu_ref
 from .linear import linear, linear_ref
 from .attention import attention, attention_ref
-from ._dispatch import BACKENDS, check_backend
+from ._dispatch import BACKENDS, check_backend, resolve
 
 __all__ = ["rms_norm", "rms_norm_ref", "rope_cos_sin", "apply_rope", "apply_rope_ref",
            "swiglu", "swiglu_ref", "linear", "linear_ref", "attention", "attention_ref",
-           "BACKENDS", "check_backend"]
+           "BACKENDS", "check_backend", "resolve"]

@@ -1,9 +1,35 @@
-"""Backend names shared by every op."""
-BACKENDS = ("ref", "auto")
+"""Backend selection shared by every op.
+
+    "ref"     eager PyTorch: the definition of correct, runs anywhere
+    "triton"  the Triton kernel: needs CUDA tensors, or TRITON_INTERPRET=1 (CPU interpreter,
+              slow, used by the tests)
+    "auto"    Triton on CUDA tensors, the reference elsewhere
+"""
+import os
+
+import torch
+
+BACKENDS = ("ref", "triton", "auto")
 
 
 def check_backend(backend: str) -> str:
-    """Resolve ``backend`` to the implementation that will run (only ``ref`` exists so far)."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
-    return "ref"
+    return backend
+
+
+def interpreter_on() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def resolve(backend: str, x: torch.Tensor) -> str:
+    """The implementation that will run for an input living where ``x`` lives."""
+    check_backend(backend)
+    if backend == "ref":
+        return "ref"
+    if backend == "triton":
+        if not (x.is_cuda or interpreter_on()):
+            raise RuntimeError("backend='triton' needs CUDA tensors, or TRITON_INTERPRET=1 set "
+                               "before triton is imported (the CPU interpreter)")
+        return "triton"
+    return "triton" if x.is_cuda else "ref"
