@@ -56,3 +56,12 @@ class KVCache:
         # [B, Hkv, S, D] viewed as [B, S, Hkv, D] so (row, position) index a whole token.
         self.k[layer].transpose(1, 2)[b, p] = k_new.transpose(1, 2)[b, t]
         self.v[layer].transpose(1, 2)[b, p] = v_new.transpose(1, 2)[b, t]
+
+    def write_at(self, layer: int, k_new: torch.Tensor, v_new: torch.Tensor, pos: torch.Tensor):
+        """One token per row, k_new/v_new [B, Hkv, 1, D], at positions ``pos`` [B] (on device).
+
+        Plain tensor indexing, no ``nonzero``: no host sync, so a CUDA graph can capture it.
+        """
+        rows = torch.arange(self.batch_size, device=pos.device)
+        self.k[layer][rows, :, pos] = k_new[:, :, 0]
+        self.v[layer][rows, :, pos] = v_new[:, :, 0]

@@ -42,8 +42,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim), requires_grad=False)
         self.eps = eps
 
-    def forward(self, x, backend="auto"):
-        return ops.rms_norm(x, self.weight, self.eps, backend=backend)
+    def forward(self, x, backend="auto", residual=None):
+        """With ``residual``: h = x + residual, returns (rms_norm(h), h) in one pass."""
+        return ops.rms_norm(x, self.weight, self.eps, residual=residual, backend=backend)
 
 
 class Attention(nn.Module):
@@ -64,6 +65,13 @@ class Attention(nn.Module):
         q, k = ops.apply_rope(q, k, cos, sin, backend=backend)
         if cache is None:  # no-cache baseline: the keys are exactly this call's tokens
             kv_len = valid.sum(1)
+        elif valid is None:
+            # Static decode step (CUDA-graph capturable): one token per row, every row live,
+            # no host synchronisation. Attend over the whole preallocated cache; the kernel
+            # (or the mask) stops at kv_len, which lives on the device.
+            cache.write_at(layer, k, v, positions[:, 0])
+            kv_len = cache.lengths + 1
+            k, v = cache.k[layer], cache.v[layer]
         else:
             cache.write(layer, k, v, positions, valid)
             kv_len = cache.lengths + valid.sum(1)
@@ -145,6 +153,33 @@ class Transformer(nn.Module):
         return self.embed.weight.dtype
 
     # ---- forward -------------------------------------------------------------------------
+    def _layers(self, x, cos, sin, positions, valid, cache, be):
+        """The decoder stack with the residual add fused into each RMSNorm:
+        h is the residual stream, ``normed`` the input of the next sub-block."""
+        h = x
+        normed = self.layers[0].attn_norm(h, be)
+        for i, blk in enumerate(self.layers):
+            a = blk.attn(normed, cos, sin, positions, valid, i, cache, be)
+            normed, h = blk.mlp_norm(a, be, residual=h)                      # h += attn
+            m = blk.mlp(normed, be)
+            nxt = self.layers[i + 1].attn_norm if i + 1 < len(self.layers) else self.norm
+            normed, h = nxt(m, be, residual=h)                               # h += mlp
+        return normed  # already through the final norm
+
+    @torch.no_grad()
+    def decode_step(self, input_ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """One token per row for every row: [B, 1] -> logits [B, 1, V]; appends to ``cache``.
+
+        Unlike ``forward`` it checks nothing on the host and has fixed shapes (attention spans
+        the whole preallocated cache, masked by the lengths on the device), so it can be
+        captured once in a CUDA graph and replayed per token. The caller guarantees room.
+        """
+        positions = cache.lengths[:, None]                                  # [B, 1]
+        cos, sin = ops.rope_cos_sin(positions, self.inv_freq)
+        x = self._layers(self.embed(input_ids), cos, sin, positions, None, cache, self.backend)
+        cache.lengths += 1
+        return ops.linear(x, self.lm_head_weight, backend=self.backend)
+
     @torch.no_grad()
     def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None,
                 num_new: torch.Tensor | None = None, last_only: bool = False) -> torch.Tensor:
@@ -176,14 +211,9 @@ class Transformer(nn.Module):
         valid = t[None, :] < num_new[:, None]                              # [B, T]
         cos, sin = ops.rope_cos_sin(positions, self.inv_freq)
 
-        be = self.backend
-        x = self.embed(input_ids)
-        for i, blk in enumerate(self.layers):
-            x = x + blk.attn(blk.attn_norm(x, be), cos, sin, positions, valid, i, cache, be)
-            x = x + blk.mlp(blk.mlp_norm(x, be), be)
+        x = self._layers(self.embed(input_ids), cos, sin, positions, valid, cache, self.backend)
         if cache is not None:
             cache.lengths += num_new
         if last_only:
             x = x[torch.arange(B, device=dev), (num_new - 1).clamp(min=0)][:, None]
-        x = self.norm(x, be)
-        return ops.linear(x, self.lm_head_weight, backend=be)
+        return ops.linear(x, self.lm_head_weight, backend=self.backend)
