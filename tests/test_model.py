@@ -90,3 +90,24 @@ def test_half_precision_close_to_fp32(tiny, dtype):
     err = (out - ref).abs().max() / ref.abs().max()
     print(f"{dtype}: max relative logit error {err:.3e}")
     assert err < 0.05
+
+
+def test_static_decode_step_equals_forward(tiny):
+    ids = torch.randint(0, 97, (2, 6))
+    a, b = KVCache(tiny.config, 2, 10), KVCache(tiny.config, 2, 10)
+    tiny(ids[:, :4], a)
+    tiny(ids[:, :4], b)
+    for t in (4, 5):
+        want = tiny(ids[:, t:t + 1], a)
+        got = tiny.decode_step(ids[:, t:t + 1], b)
+        assert torch.allclose(got, want, atol=1e-5)
+    assert b.lengths.tolist() == [6, 6]
+
+
+def test_benchmark_decode_matches_greedy_generation(tiny):
+    from tinyserve.generate import benchmark_decode, generate_ids
+    ids = torch.randint(0, 97, (2, 5))
+    out = benchmark_decode(tiny, ids, 6, cuda_graph=False)
+    want = generate_ids(tiny, ids.tolist(), max_new_tokens=6, ignore_eos=True)
+    assert out["tokens"].tolist() == want
+    assert out["decode_s"] > 0 and out["cuda_graph"] is False

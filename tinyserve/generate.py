@@ -148,3 +148,40 @@ def generate_ids(model, prompts: Sequence[Sequence[int]], max_new_tokens: int = 
         for u in updates:
             out[u.row].append(u.token_id)
     return out
+
+
+@torch.no_grad()
+def benchmark_decode(model, input_ids: torch.Tensor, max_new_tokens: int,
+                     cuda_graph: bool | None = None) -> dict:
+    """The lean greedy path the decode benchmark times: prefill, then ``max_new_tokens - 1``
+    decode steps, every row running to the end (no stop tokens, no text).
+
+    input_ids: [B, T] (all rows the same length). Tokens stay on the device (no per-step
+    sync). ``cuda_graph`` defaults to True on CUDA. Returns tokens [B, N], prefill_s, decode_s
+    (time of the decode steps only; graph capture is reported separately as capture_s).
+    """
+    from .bench.common import clock
+    from .cuda_graph import GraphedDecodeStep
+
+    dev = model.device
+    B, T = input_ids.shape
+    N = max_new_tokens
+    if N < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {N}")
+    use_graph = dev.type == "cuda" if cuda_graph is None else cuda_graph
+    warmup = 2 if use_graph else 0
+    cache = KVCache(model.config, B, T + N + warmup, dtype=model.dtype, device=dev)
+    tokens = torch.empty(B, N, dtype=torch.long, device=dev)
+    t0 = clock(dev)
+    logits = model(input_ids.to(dev), cache, last_only=True)
+    tokens[:, 0] = logits[:, 0].argmax(-1)
+    t1 = clock(dev)
+    step = GraphedDecodeStep(model, cache, warmup) if use_graph else (
+        lambda ids: model.decode_step(ids, cache))
+    t2 = clock(dev)
+    for i in range(1, N):
+        logits = step(tokens[:, i - 1:i])
+        tokens[:, i] = logits[:, 0].argmax(-1)
+    t3 = clock(dev)
+    return dict(tokens=tokens, prefill_s=t1 - t0, capture_s=t2 - t1, decode_s=t3 - t2,
+                cuda_graph=use_graph)
