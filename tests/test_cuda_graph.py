@@ -1,13 +1,11 @@
-"""CUDA-graph decode replays exactly what eager decode computes (GPU only)."""
+"""CUDA-graph decode replays exactly what eager decode computes (on a GPU)."""
 import pytest
 import torch
 
 from tinyserve.config import ModelConfig
 from tinyserve.model import Transformer
 
-pytestmark = pytest.mark.gpu
-
-
+@pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["ref", "triton"])
 def test_graphed_decode_equals_eager_decode(backend):
     from tinyserve.generate import benchmark_decode
