@@ -12,7 +12,7 @@ from typing import Iterator, Sequence
 
 from .generate import decode_loop
 from .loader import load_model
-from .sampling import SamplingParams
+from .sampling import SamplingParams, per_row_params
 
 
 @dataclass
@@ -131,14 +131,7 @@ class LLM:
     # ---- internals -----------------------------------------------------------------------
     @staticmethod
     def _per_prompt(params, n):
-        if params is None:
-            return [SamplingParams()] * n
-        if isinstance(params, SamplingParams):
-            return [params] * n
-        params = list(params)
-        if len(params) != n:
-            raise ValueError(f"{len(params)} SamplingParams for {n} prompts")
-        return params
+        return per_row_params(SamplingParams() if params is None else params, n, "prompts")
 
     def _run(self, prompts, params, stats):
         outs = [[] for _ in prompts]

@@ -252,12 +252,14 @@ def min_p_mask(logits: torch.Tensor, min_p: RowParam) -> torch.Tensor:
     return logits.masked_fill(probs < (min_p - _BOUNDARY_EPS) * top, float("-inf"))
 
 
-def _per_row_params(params: SamplingParams | Sequence[SamplingParams], batch: int) -> list[SamplingParams]:
+def per_row_params(params: SamplingParams | Sequence[SamplingParams], batch: int,
+                   what: str = "rows") -> list[SamplingParams]:
+    """One SamplingParams for every row, or exactly one per row."""
     if isinstance(params, SamplingParams):
         return [params] * batch
     params = list(params)
     if len(params) != batch:
-        raise ValueError(f"got {len(params)} SamplingParams for a batch of {batch} rows")
+        raise ValueError(f"{len(params)} SamplingParams for {batch} {what}")
     return params
 
 
@@ -271,7 +273,7 @@ def logits_to_probs(
     argmax: the distribution they are actually decoded from.
     """
     _check_logits(logits)
-    rows = _per_row_params(params, logits.shape[0])
+    rows = per_row_params(params, logits.shape[0])
     # float32 before any arithmetic: bf16/fp16 logits divided by a small
     # temperature lose too much precision for top-p's cumulative sum.
     x = logits.float()
@@ -324,7 +326,7 @@ def sample(
     """
     _check_logits(logits)
     batch = logits.shape[0]
-    rows = _per_row_params(params, batch)
+    rows = per_row_params(params, batch)
     if generators is None:
         generators = [None] * batch
     elif len(generators) != batch:

@@ -11,10 +11,20 @@ record (card, versions, threads, date, command line), result files
 (``benchmarks/results/<machine>-<suite>.json``) and timing helpers.
 
 Suites:
+    roofline   measured copy bandwidth and matmul rate: the ceilings everything is a fraction of
+    ops        each op's kernel vs its peers (cuBLAS, SDPA, eager ref), % of the roofline
+    decode     decode tokens/s of Llama-3.2-1B / Llama-2-7B shapes (random weights) vs HF
     generate   batch-1 greedy decode tokens/s on SmolLM2: tinyserve vs HF transformers
+    all        roofline + ops + decode (+ generate), one result file each
+    plot       redraw the figures of result files (``plot benchmarks/results/<file>.json``)
 """
 
 # sub-command -> module (imported only when that suite runs, so --help stays instant)
 SUITES = {
+    "roofline": "tinyserve.bench.roofline",
+    "ops": "tinyserve.bench.ops",
+    "decode": "tinyserve.bench.decode",
     "generate": "tinyserve.bench.generate",
+    "all": "tinyserve.bench.all",
+    "plot": "tinyserve.bench.plots",
 }

@@ -173,3 +173,13 @@ def table(rows: Sequence[Sequence], header: Sequence[str]) -> str:
                          for i, (c, w) in enumerate(zip(r, widths)))
     lines = [fmt(cells[0]), "  ".join("-" * w for w in widths)] + [fmt(r) for r in cells[1:]]
     return "\n".join(lines)
+
+
+def set_threads(n: int | None) -> None:
+    """``--threads``: torch's CPU thread count (None keeps torch's choice). On a busy machine
+    fewer threads than cores avoids threads spinning against each other."""
+    if n is not None:
+        if n < 1:
+            raise ValueError(f"--threads must be >= 1, got {n}")
+        import torch
+        torch.set_num_threads(n)
