@@ -12,7 +12,7 @@ record (card, versions, threads, date, command line), result files
 
 Suites:
     roofline   measured copy bandwidth and matmul rate: the ceilings everything is a fraction of
-    ops        each op's kernel vs its peers (cuBLAS, SDPA, eager ref), % of the roofline
+    ops        each op's kernel vs its peers (cuBLAS, SDPA, eager ref), fraction of roofline
     decode     decode tokens/s of Llama-3.2-1B / Llama-2-7B shapes (random weights) vs HF
     generate   batch-1 greedy decode tokens/s on SmolLM2: tinyserve vs HF transformers
     all        roofline + ops + decode (+ generate), one result file each

@@ -67,6 +67,8 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         log("interrupted: nothing saved")
         return 130
+    if result is None:  # e.g. `plot`: it only redraws figures from existing results
+        return 0
     path = write_result(result, args.out, result["env"]["machine"], args.suite)
     log(f"saved {path}")
     return 0
