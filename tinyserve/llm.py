@@ -40,11 +40,25 @@ class LLM:
     """A model plus its tokenizer, generating in batches of up to ``max_batch_size`` rows."""
 
     def __init__(self, model: str = "smollm2", device: str = "auto", dtype=None,
-                 backend: str = "auto", max_batch_size: int = 16):
+                 backend: str = "auto", max_batch_size: int = 16,
+                 quantization: str | dict | None = None):
+        """``quantization``: None, a method name ("int8", "int4", "nf4", "gguf", ...; see
+        ``tinyserve.quant.known_methods()``) or a dict ``{"method": ..., "group_size": ...,
+        ...}`` of ``tinyserve.quant.quantize_model`` arguments, applied after loading."""
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
+        if quantization is not None:  # check the name before the (slow) load
+            from .quant import get_method
+            spec = {"method": quantization} if isinstance(quantization, str) else quantization
+            if not isinstance(spec, dict) or "method" not in spec:
+                raise ValueError(f"quantization must be a method name or a dict with a "
+                                 f"'method' key, got {quantization!r}")
+            get_method(spec["method"])
         self.model, self.tokenizer = load_model(model, device=device, dtype=dtype,
                                                 backend=backend)
+        if quantization is not None:
+            from .quant import quantize_model
+            quantize_model(self.model, **spec)
         self.max_batch_size = max_batch_size
 
     @classmethod

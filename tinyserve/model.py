@@ -140,6 +140,12 @@ class Transformer(nn.Module):
             for n, t in state.items():
                 params[n].copy_(t)
 
+    def _head(self, x):
+        """Logits. A quantized head (``lm_head`` replaced by a QuantLinear) runs its own kernel."""
+        if self.lm_head is not None:
+            return self.lm_head(x, self.backend)
+        return ops.linear(x, self.embed.weight, backend=self.backend)
+
     @property
     def lm_head_weight(self) -> torch.Tensor:
         return self.embed.weight if self.lm_head is None else self.lm_head.weight
@@ -178,7 +184,7 @@ class Transformer(nn.Module):
         cos, sin = ops.rope_cos_sin(positions, self.inv_freq)
         x = self._layers(self.embed(input_ids), cos, sin, positions, None, cache, self.backend)
         cache.lengths += 1
-        return ops.linear(x, self.lm_head_weight, backend=self.backend)
+        return self._head(x)
 
     @torch.no_grad()
     def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None,
@@ -216,4 +222,4 @@ class Transformer(nn.Module):
             cache.lengths += num_new
         if last_only:
             x = x[torch.arange(B, device=dev), (num_new - 1).clamp(min=0)][:, None]
-        return ops.linear(x, self.lm_head_weight, backend=self.backend)
+        return self._head(x)

@@ -90,7 +90,7 @@ def attention(q, k, v, q_pos, kv_len, backend="auto"):
         return attention_ref(q, k, v, q_pos, kv_len)
     # Imported here: both kernel modules import attention_ref from this one.
     if q.shape[2] == 1:
-        from . import decode_attention as _decode
-        return _decode.decode_attention_triton(q, k, v, q_pos, kv_len)
-    from . import prefill_attention as _prefill
-    return _prefill.prefill_attention_triton(q, k, v, q_pos, kv_len)
+        from .decode_attention import decode_attention_triton
+        return decode_attention_triton(q, k, v, q_pos, kv_len)
+    from .prefill_attention import prefill_attention_triton
+    return prefill_attention_triton(q, k, v, q_pos, kv_len)
