@@ -19,6 +19,8 @@ import os
 import sys
 from pathlib import Path
 
+from .bench.common import positive_int
+
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 DTYPE_CHOICES = ("auto", "fp32", "float32", "bf16", "bfloat16", "fp16", "float16")
@@ -39,16 +41,6 @@ class _Parser(argparse.ArgumentParser):
 
 
 # ---- argument types (checked before anything heavy is imported) --------------------------
-def _positive_int(s: str) -> int:
-    try:
-        v = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {s!r}") from None
-    if v <= 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {v}")
-    return v
-
-
 def _float(s: str) -> float:
     try:
         return float(s)
@@ -101,7 +93,7 @@ def _add_model_args(p, positional: bool = False):
 
 def _add_sampling_args(p, max_tokens: int):
     g = p.add_argument_group("sampling")
-    g.add_argument("--max-tokens", "-n", type=_positive_int, default=max_tokens,
+    g.add_argument("--max-tokens", "-n", type=positive_int, default=max_tokens,
                    help=f"most new tokens per reply (default: {max_tokens})")
     g.add_argument("--temperature", "-t", type=_temperature, default=0.7,
                    help="0 = greedy (default: 0.7)")

@@ -183,3 +183,23 @@ def set_threads(n: int | None) -> None:
             raise ValueError(f"--threads must be >= 1, got {n}")
         import torch
         torch.set_num_threads(n)
+
+
+# ---- argparse types shared by the suites and the CLI: bad values fail at parse time ----------
+def _int_at_least(s: str, low: int) -> int:
+    import argparse
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {s!r}") from None
+    if v < low:
+        raise argparse.ArgumentTypeError(f"must be >= {low}, got {v}")
+    return v
+
+
+def positive_int(s: str) -> int:
+    return _int_at_least(s, 1)
+
+
+def nonnegative_int(s: str) -> int:
+    return _int_at_least(s, 0)

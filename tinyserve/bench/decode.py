@@ -27,7 +27,7 @@ import gc
 import statistics
 import time
 
-from .common import log, set_threads, table
+from .common import log, positive_int, set_threads, table
 
 NAME = "decode"
 HELP = "decode tokens/s of Llama-3.2-1B / Llama-2-7B shapes (random weights): ours vs HF"
@@ -56,17 +56,17 @@ def named_configs() -> dict:
 
 def add_arguments(p) -> None:
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda")
-    p.add_argument("--threads", type=int, default=None,
+    p.add_argument("--threads", type=positive_int, default=None,
                    help="torch CPU threads (default: torch's own choice)")
     p.add_argument("--models", default=None,
                    help=f"comma list of shapes in tinyserve.analysis.SHAPES or tiny, tiny-mha "
                         f"(default: {DEFAULT_GPU_MODELS} on CUDA, tiny on CPU)")
     p.add_argument("--batch-sizes", default=None, help="comma list (default: 1,16 on CUDA; 1,2 "
                                                        "on CPU)")
-    p.add_argument("--prompt-len", type=int, default=None, help="default: 128 (CUDA), 16 (CPU)")
-    p.add_argument("--new-tokens", type=int, default=None, help="default: 128 (CUDA), 8 (CPU)")
-    p.add_argument("--repeats", type=int, default=3, help="timed runs of ours (median)")
-    p.add_argument("--hf-repeats", type=int, default=1, help="timed HF generate runs (median)")
+    p.add_argument("--prompt-len", type=positive_int, default=None, help="default: 128 (CUDA), 16 (CPU)")
+    p.add_argument("--new-tokens", type=positive_int, default=None, help="default: 128 (CUDA), 8 (CPU)")
+    p.add_argument("--repeats", type=positive_int, default=3, help="timed runs of ours (median)")
+    p.add_argument("--hf-repeats", type=positive_int, default=1, help="timed HF generate runs (median)")
     p.add_argument("--backend", default="auto", help="tinyserve ops backend: auto, ref, triton")
     p.add_argument("--no-hf", action="store_true", help="skip HF transformers")
     p.add_argument("--no-graph", action="store_true", help="skip the CUDA-graph run of ours")

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import time
 
-from .common import clock, log, summarize, table
+from .common import clock, log, nonnegative_int, positive_int, summarize, table
 
 NAME = "generate"
 HELP = "batch-1 greedy decode tokens/s on SmolLM2: tinyserve vs HF transformers generate"
@@ -29,41 +29,19 @@ DEFAULT_PROMPT = ("Once upon a time, in a small village at the edge of a great f
 def add_arguments(p) -> None:
     p.add_argument("--model", default="smollm2",
                    help="named model or .gguf file (default: smollm2)")
-    p.add_argument("--max-tokens", type=_positive_int, default=64,
+    p.add_argument("--max-tokens", type=positive_int, default=64,
                    help="new tokens per run, forced on both sides (default: 64)")
     p.add_argument("--prompt", default=DEFAULT_PROMPT, help="prompt text (raw, no chat template)")
-    p.add_argument("--repeats", type=_positive_int, default=3,
+    p.add_argument("--repeats", type=positive_int, default=3,
                    help="timed runs per side; the median is reported (default: 3)")
-    p.add_argument("--warmup", type=_nonnegative_int, default=1,
+    p.add_argument("--warmup", type=nonnegative_int, default=1,
                    help="untimed runs per side first (default: 1)")
     p.add_argument("--no-hf", action="store_true", help="skip HF transformers")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda")
     p.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, fp32 on CPU), fp32, "
                                                    "bf16, fp16")
-    p.add_argument("--threads", type=_positive_int, default=None,
+    p.add_argument("--threads", type=positive_int, default=None,
                    help="torch CPU threads (default: torch's own choice)")
-
-
-def _positive_int(s: str) -> int:
-    import argparse
-    try:
-        v = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {s!r}") from None
-    if v <= 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {v}")
-    return v
-
-
-def _nonnegative_int(s: str) -> int:
-    import argparse
-    try:
-        v = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {s!r}") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {v}")
-    return v
 
 
 # ---- one timed run per side --------------------------------------------------------------

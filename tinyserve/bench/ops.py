@@ -23,7 +23,7 @@ import pkgutil
 import statistics
 import time
 
-from .common import log, set_threads, table
+from .common import log, positive_int, set_threads, table
 
 NAME = "ops"
 HELP = "each op's Triton kernel vs its peers (cuBLAS, SDPA, eager ref), fraction of roofline"
@@ -33,7 +33,7 @@ CPU_TRITON_SKIP = ("CPU: triton would run under the interpreter, whose speed mea
 
 def add_arguments(p) -> None:
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda")
-    p.add_argument("--threads", type=int, default=None,
+    p.add_argument("--threads", type=positive_int, default=None,
                    help="torch CPU threads (default: torch's own choice)")
     p.add_argument("--small", action="store_true",
                    help="small shapes (always on CPU): checks the harness, measures nothing")
@@ -41,7 +41,7 @@ def add_arguments(p) -> None:
                    help="comma-separated op modules to run (default: every op with bench_cases)")
     p.add_argument("--warmup-ms", type=float, default=25, help="do_bench warmup (CUDA)")
     p.add_argument("--rep-ms", type=float, default=100, help="do_bench measuring time (CUDA)")
-    p.add_argument("--repeats", type=int, default=5, help="timed calls per impl on CPU")
+    p.add_argument("--repeats", type=positive_int, default=5, help="timed calls per impl on CPU")
     p.add_argument("--budget-s", type=float, default=None,
                    help="stop starting new cases after this many seconds (rest: skipped)")
     p.add_argument("--figures", default="figures", help="directory for the plots ('' = none)")
