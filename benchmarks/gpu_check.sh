@@ -46,11 +46,15 @@ cat "$OUT/machine.txt"
 
 # 1. correctness on CUDA: every test marked gpu (a module that cannot be imported here, e.g.
 #    for want of gguf, is reported and the rest still run)
-run pytest-gpu 170 $PY -m pytest -q -m gpu tests/ -p no:cacheprovider -rs \
+run pytest-gpu 150 $PY -m pytest -q -m gpu tests/ -p no:cacheprovider -rs \
     --continue-on-collection-errors --junitxml="$OUT/pytest-gpu.xml"
 
 # 2. every op's kernel vs its peers at real shapes (stops starting new cases after --budget-s)
-run bench-ops 130 $PY -m tinyserve.bench ops --out "$OUT" --figures "$OUT/figures" --budget-s 100
+run bench-ops 110 $PY -m tinyserve.bench ops --out "$OUT" --figures "$OUT/figures" --budget-s 80
+
+# 2b. quantized decode: memory and tok/s of bf16 / int4-g128 / int8 / nf4, Llama-2-7B shape,
+#     batch 1 and 16, CUDA graphs (prompt 16: prefill stays on the skinny path, less autotuning)
+run bench-quant 120 $PY -m tinyserve.bench quant --out "$OUT" --prompt-len 16 --budget-s 70
 
 # 3. end-to-end decode, Llama-3.2-1B and Llama-2-7B shapes, batch 1 and 16, ours vs HF
 #    --budget-s: start no new (model, batch) run once it is spent; the 80 s kept back let the

@@ -25,6 +25,7 @@ SUITES = {
     "ops": "tinyserve.bench.ops",
     "decode": "tinyserve.bench.decode",
     "generate": "tinyserve.bench.generate",
+    "quant": "tinyserve.bench.quant",
     "all": "tinyserve.bench.all",
     "plot": "tinyserve.bench.plots",
 }
