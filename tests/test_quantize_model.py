@@ -186,7 +186,7 @@ def _unchanged(model):
 def test_bad_inputs_raise_clear_errors_and_change_nothing(tiny):
     m = copy.deepcopy(tiny)
     with pytest.raises(ValueError, match=r"unknown quantization method 'int3'; known methods: "
-                                         r".*gguf, int4, int8, nf4"):
+                                         r".*gguf, gptq, int4, int8, nf4"):
         quantize_model(m, "int3")
     with pytest.raises(ValueError, match=r"int4: group size 16 is not allowed; choose one of "
                                          r"\(32, 64, 128\)"):
