@@ -405,3 +405,16 @@ def write_hf_dir(directory, arch: str = "llama", *, tie: bool = False, shard: bo
     if tokenizer:
         write_hf_tokenizer(directory)
     return directory, model
+
+
+def tiny_model(seed=0, dtype=None, **over):
+    """A random tiny Transformer for the quantization tests (hidden 64 unless overridden)."""
+    import torch
+    from tinyserve.model import Transformer
+    kw = dict(hidden_size=64, intermediate_size=128, num_heads=4, num_kv_heads=2, head_dim=16,
+              vocab_size=300)
+    kw.update(over)
+    c = tiny_config(**kw)
+    m = Transformer(c)
+    m.load_weights(random_state(c, seed))
+    return m.to(dtype or torch.float32).eval()

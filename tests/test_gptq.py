@@ -117,14 +117,7 @@ def test_singular_hessian_is_dampened():
 
 
 # ---- the model-level method ------------------------------------------------------------------
-def tiny_model(seed=0, **over):
-    kw = dict(hidden_size=64, intermediate_size=128, num_heads=4, num_kv_heads=2, head_dim=16,
-              vocab_size=300)
-    kw.update(over)
-    c = fx.tiny_config(**kw)
-    m = Transformer(c)
-    m.load_weights(fx.random_state(c, seed))
-    return m.eval()
+tiny_model = fx.tiny_model
 
 
 def calib(n=8, T=32, V=300, seed=0):

@@ -20,13 +20,8 @@ IDS = ["int8", "int4-g32", "int4-g64", "int4-g128", "nf4", "nf4-dq"]
 
 
 def tiny_model(seed=0, dtype=torch.float32, **over):
-    kw = dict(hidden_size=128, intermediate_size=256, num_heads=4, num_kv_heads=2, head_dim=32,
-              vocab_size=300)
-    kw.update(over)
-    c = fx.tiny_config(**kw)
-    m = Transformer(c)
-    m.load_weights(fx.random_state(c, seed))
-    return m.to(dtype).eval()
+    over = {"hidden_size": 128, "intermediate_size": 256, "head_dim": 32, **over}
+    return fx.tiny_model(seed, dtype, **over)
 
 
 @pytest.fixture(scope="module")
