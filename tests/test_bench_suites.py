@@ -136,10 +136,11 @@ def test_decode_suite_same_weights_as_hf(tmp_path, capsys):
                                                         ("tiny-mha", 1), ("tiny-mha", 2)]
     for r in runs:
         assert r["bytes_per_step"] == r["weight_bytes"] + r["kv_bytes_per_step"] > 0
-        assert r["ceiling_tok_s"] > 0
         ours, hf = r["ours"], r["hf"]
         assert "error" not in ours and "error" not in hf, (ours, hf)
-        assert ours["decode_tok_s"] > 0 and ours["frac_ceiling"] > 0 and ours["decode_s"] > 0
+        # recorded and consistent; how fast is the benchmark's business, not a test's
+        assert ours["decode_tok_s"] == pytest.approx(r["batch"] * 5 / ours["decode_s"])
+        assert ours["frac_ceiling"] == pytest.approx(ours["decode_tok_s"] / r["ceiling_tok_s"])
         assert ours["prefill_s"] > 0 and hf["prefill_s"] > 0 and hf["total_s"] > 0
         # HF's decode time is generate() minus a separate prefill: on a busy CPU that can come
         # out <= 0, and then the suite records why instead of a rate

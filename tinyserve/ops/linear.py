@@ -147,6 +147,17 @@ def _check(x, weight, bias):
                          f"{tuple(bias.shape)}")
 
 
+def output_buffer(x, N: int, out, op: str):
+    """The [..., N] result in x's dtype: ``out`` checked (tests pass a poisoned one) or new."""
+    out_shape = (*x.shape[:-1], N)
+    if out is None:
+        return torch.empty(out_shape, dtype=x.dtype, device=x.device)
+    if tuple(out.shape) != out_shape or out.dtype != x.dtype or not out.is_contiguous():
+        raise ValueError(f"{op}: out must be contiguous {out_shape} {x.dtype}, got "
+                         f"{tuple(out.shape)} {out.dtype}")
+    return out
+
+
 def linear_triton(x, weight, bias=None, out=None, split_k: int | None = None):
     """Same signature and result as ``linear_ref``; ``out`` ([..., N], contiguous) receives y.
 
@@ -163,12 +174,7 @@ def linear_triton(x, weight, bias=None, out=None, split_k: int | None = None):
     if weight.device != x.device or (bias is not None and bias.device != x.device):
         raise ValueError("linear: x, weight and bias must be on the same device")
     K, N = weight.shape[1], weight.shape[0]
-    out_shape = (*x.shape[:-1], N)
-    if out is None:
-        out = torch.empty(out_shape, dtype=x.dtype, device=x.device)
-    if tuple(out.shape) != out_shape or out.dtype != x.dtype or not out.is_contiguous():
-        raise ValueError(f"linear: out must be contiguous {out_shape} {x.dtype}, got "
-                         f"{tuple(out.shape)} {out.dtype}")
+    out = output_buffer(x, N, out, "linear")
     M = out.numel() // N if N else 0
     if M > MAX_M or M == 0 or N == 0 or K == 0:
         out.copy_(F.linear(x, weight, bias))   # not a decode shape: cuBLAS does it well

@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 
 from ._dispatch import check_backend, interpreter_on, resolve
-from .linear import DTYPES, MAX_M, _split_k
+from .linear import DTYPES, MAX_M, _split_k, output_buffer
 
 try:
     import triton
@@ -333,12 +333,7 @@ def quant_linear_triton(x, qt, bias=None, out=None, split_k: int | None = None,
             bias is not None and bias.device != x.device):
         raise ValueError(f"quant_linear: x ({x.device}), the quantized weight and bias must be "
                          f"on the same device")
-    out_shape = (*x.shape[:-1], N)
-    if out is None:
-        out = torch.empty(out_shape, dtype=x.dtype, device=x.device)
-    if tuple(out.shape) != out_shape or out.dtype != x.dtype or not out.is_contiguous():
-        raise ValueError(f"quant_linear: out must be contiguous {out_shape} {x.dtype}, got "
-                         f"{tuple(out.shape)} {out.dtype}")
+    out = output_buffer(x, N, out, "quant_linear")
     M = out.numel() // N if N else 0
     if M == 0 or N == 0:
         return out
