@@ -7,10 +7,12 @@
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Iterator, Sequence
 
-from .generate import decode_loop
+from tqdm.auto import tqdm
+
+from .generate import check_prompt, decode_loop
 from .loader import load_model
 from .sampling import SamplingParams, per_row_params
 
@@ -96,13 +98,11 @@ class LLM:
             prompts = [prompts]
         encoded = [self._encode(p) for p in prompts]
         params = self._per_prompt(params, len(encoded))
-        for (_, ids), sp in zip(encoded, params):  # fail before any work is done
-            from .generate import check_prompt
+        for _, ids in encoded:  # fail before any work is done
             check_prompt(ids, self.model.config.max_position_embeddings)
         # Expand n samples per request into rows, then run rows in batches.
         rows = [(i, k) for i, sp in enumerate(params) for k in range(sp.n)]
-        results = {}
-        from tqdm.auto import tqdm
+        results, metrics = {}, {}
         bar = tqdm(total=len(rows), desc="generating", unit="seq",
                    disable=not use_tqdm or len(rows) <= 1)
         for s in range(0, len(rows), self.max_batch_size):
@@ -112,13 +112,13 @@ class LLM:
                              [_nth(params[i], k) for i, k in chunk], stats)
             for (i, k), comp in zip(chunk, done):
                 results[(i, k)] = comp
-            for i in {i for i, _ in chunk}:
-                results.setdefault(("metrics", i), stats)
+            for i, _ in chunk:  # a request's metrics: those of the batch it started in
+                metrics.setdefault(i, stats)
             bar.update(len(chunk))
         bar.close()
         return [RequestOutput(i, text, ids,
                               [CompletionOutput(k, *results[(i, k)]) for k in range(sp.n)],
-                              metrics=results[("metrics", i)])
+                              metrics=metrics[i])
                 for i, ((text, ids), sp) in enumerate(zip(encoded, params))]
 
     def chat(self, messages, params=None, use_tqdm: bool = True) -> list[RequestOutput]:
@@ -162,5 +162,4 @@ class LLM:
 
 def _nth(sp: SamplingParams, k: int) -> SamplingParams:
     """The k-th of n samples: its own seed (seed + k) so the n samples differ reproducibly."""
-    from dataclasses import replace
     return replace(sp, n=1, seed=None if sp.seed is None else sp.seed + k)
