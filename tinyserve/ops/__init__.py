@@ -10,9 +10,13 @@ from .linear import linear, linear_ref
 from .attention import attention, attention_ref
 from .decode_attention import decode_attention, decode_attention_ref
 from .prefill_attention import prefill_attention, prefill_attention_ref
+from .paged_attention import (paged_attention, paged_decode_attention_ref,
+                              paged_prefill_attention_ref, paged_write, paged_write_ref)
 from ._dispatch import BACKENDS, check_backend, interpreter_on, resolve
 
 __all__ = ["rms_norm", "rms_norm_ref", "rope_cos_sin", "apply_rope", "apply_rope_ref",
            "swiglu", "swiglu_ref", "linear", "linear_ref", "attention", "attention_ref",
            "decode_attention", "decode_attention_ref", "prefill_attention", "prefill_attention_ref",
+           "paged_attention", "paged_decode_attention_ref", "paged_prefill_attention_ref",
+           "paged_write", "paged_write_ref",
            "BACKENDS", "check_backend", "interpreter_on", "resolve"]
