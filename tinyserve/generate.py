@@ -39,6 +39,17 @@ class _Row:
     emitted: int = 0                  # characters of `text` already streamed
     finish_reason: str | None = None
 
+    @classmethod
+    def create(cls, prompt, params: SamplingParams, context: int, device, tokenizer=None,
+               eos_ids: Sequence[int] = (), **extra):
+        """Check one request and build its row (``extra``: a subclass's own fields)."""
+        check_prompt(prompt, context)
+        if params.stop and tokenizer is None:
+            raise ValueError("stop strings need a tokenizer")
+        stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else set(eos_ids))
+        return cls(list(prompt), params, make_generator(params.seed, device), stop_ids,
+                   min(params.max_tokens, context - len(prompt)), **extra)
+
 
 def check_prompt(prompt: Sequence[int], context: int):
     if len(prompt) == 0:
@@ -70,6 +81,21 @@ def _update_text(row: _Row, tokenizer) -> str:
     return delta
 
 
+def _append_token(row: _Row, tok: int, tokenizer=None) -> str:
+    """Add one sampled token to ``row``, settle its finish reason; -> the text delta.
+
+    Shared by ``decode_loop`` and the engine (``tinyserve.engine``), so both stop alike."""
+    row.out.append(tok)
+    if tok in row.stop_ids:
+        row.finish_reason = "stop"
+    delta = _update_text(row, tokenizer) if tokenizer is not None else ""
+    if row.finish_reason is None and len(row.out) >= row.limit:
+        row.finish_reason = "length"
+        if tokenizer is not None:
+            delta += _update_text(row, tokenizer)
+    return delta
+
+
 @torch.no_grad()
 def decode_loop(model, prompts: Sequence[Sequence[int]], params: Sequence[SamplingParams],
                 tokenizer=None, eos_ids: Sequence[int] = (), stats: dict | None = None
@@ -84,12 +110,7 @@ def decode_loop(model, prompts: Sequence[Sequence[int]], params: Sequence[Sampli
     ctx, dev = model.config.max_position_embeddings, model.device
     rows = []
     for p, sp in zip(prompts, params):
-        check_prompt(p, ctx)
-        if sp.stop and tokenizer is None:
-            raise ValueError("stop strings need a tokenizer")
-        stop_ids = set(sp.stop_token_ids) | (set() if sp.ignore_eos else set(eos_ids))
-        rows.append(_Row(list(p), sp, make_generator(sp.seed, dev), stop_ids,
-                         min(sp.max_tokens, ctx - len(p))))
+        rows.append(_Row.create(p, sp, ctx, dev, tokenizer, eos_ids))
     B = len(rows)
     max_len = max(len(r.prompt) + r.limit for r in rows)
     cache = KVCache(model.config, B, max_len, dtype=model.dtype, device=dev)
@@ -111,16 +132,8 @@ def decode_loop(model, prompts: Sequence[Sequence[int]], params: Sequence[Sampli
                           [rows[b].generator for b in active]).tolist()
         updates = []
         for b, tok in zip(active, next_ids):
-            r = rows[b]
-            r.out.append(tok)
-            if tok in r.stop_ids:
-                r.finish_reason = "stop"
-            delta = _update_text(r, tokenizer) if tokenizer is not None else ""
-            if r.finish_reason is None and len(r.out) >= r.limit:
-                r.finish_reason = "length"
-                if tokenizer is not None:
-                    delta += _update_text(r, tokenizer)
-            updates.append(Update(b, tok, delta, r.finish_reason))
+            delta = _append_token(rows[b], tok, tokenizer)
+            updates.append(Update(b, tok, delta, rows[b].finish_reason))
         yield updates
         steps += 1
         live = torch.tensor([r.finish_reason is None for r in rows], device=dev)

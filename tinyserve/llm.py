@@ -4,15 +4,20 @@
     outs = llm.generate(["Hello"], SamplingParams(temperature=0.8, max_tokens=64))
     outs[0].outputs[0].text
     for delta in llm.stream("Once upon a time"): print(delta, end="")
+
+Both run on the continuous-batching engine (``tinyserve.engine.LLMEngine``): all requests are
+queued at once, up to ``max_batch_size`` sequences run together, and a finished one's place is
+taken by the next at the following step.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Iterator, Sequence
 
 from tqdm.auto import tqdm
 
-from .generate import check_prompt, decode_loop
+from .engine import LLMEngine, SequenceMetrics
+from .generate import check_prompt
 from .loader import load_model
 from .sampling import SamplingParams, per_row_params
 
@@ -22,7 +27,7 @@ class CompletionOutput:
     index: int
     text: str
     token_ids: list[int]
-    finish_reason: str | None  # "stop" (stop token or string) | "length"
+    finish_reason: str | None  # "stop" (stop token or string) | "length" | "abort"
 
 
 @dataclass
@@ -39,16 +44,16 @@ Messages = Sequence[dict]
 
 
 class LLM:
-    """A model plus its tokenizer, generating in batches of up to ``max_batch_size`` rows."""
+    """A model plus its tokenizer, running up to ``max_batch_size`` sequences at once and
+    feeding at most ``max_num_batched_tokens`` tokens per step (longer prompts are chunked)."""
 
     def __init__(self, model: str = "smollm2", device: str = "auto", dtype=None,
                  backend: str = "auto", max_batch_size: int = 16,
-                 quantization: str | dict | None = None):
+                 quantization: str | dict | None = None, max_num_batched_tokens: int = 2048):
         """``quantization``: None, a method name ("int8", "int4", "nf4", "gguf", ...; see
         ``tinyserve.quant.known_methods()``) or a dict ``{"method": ..., "group_size": ...,
         ...}`` of ``tinyserve.quant.quantize_model`` arguments, applied after loading."""
-        if max_batch_size < 1:
-            raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
+        _check_sizes(max_batch_size, max_num_batched_tokens)
         if quantization is not None:  # check the name before the (slow) load
             from .quant import get_method
             spec = {"method": quantization} if isinstance(quantization, str) else quantization
@@ -61,13 +66,16 @@ class LLM:
         if quantization is not None:
             from .quant import quantize_model
             quantize_model(self.model, **spec)
-        self.max_batch_size = max_batch_size
+        self.max_batch_size, self.max_num_batched_tokens = max_batch_size, max_num_batched_tokens
 
     @classmethod
-    def from_model(cls, model, tokenizer, max_batch_size: int = 16) -> "LLM":
+    def from_model(cls, model, tokenizer, max_batch_size: int = 16,
+                   max_num_batched_tokens: int = 2048) -> "LLM":
         """Wrap an already loaded (model, tokenizer) pair, e.g. from ``load_model``."""
+        _check_sizes(max_batch_size, max_num_batched_tokens)
         self = cls.__new__(cls)
-        self.model, self.tokenizer, self.max_batch_size = model, tokenizer, max_batch_size
+        self.model, self.tokenizer = model, tokenizer
+        self.max_batch_size, self.max_num_batched_tokens = max_batch_size, max_num_batched_tokens
         return self
 
     # ---- inputs --------------------------------------------------------------------------
@@ -100,25 +108,27 @@ class LLM:
         params = self._per_prompt(params, len(encoded))
         for _, ids in encoded:  # fail before any work is done
             check_prompt(ids, self.model.config.max_position_embeddings)
-        # Expand n samples per request into rows, then run rows in batches.
-        rows = [(i, k) for i, sp in enumerate(params) for k in range(sp.n)]
-        results, metrics = {}, {}
-        bar = tqdm(total=len(rows), desc="generating", unit="seq",
-                   disable=not use_tqdm or len(rows) <= 1)
-        for s in range(0, len(rows), self.max_batch_size):
-            chunk = rows[s:s + self.max_batch_size]
-            stats: dict = {}
-            done = self._run([encoded[i][1] for i, _ in chunk],
-                             [_nth(params[i], k) for i, k in chunk], stats)
-            for (i, k), comp in zip(chunk, done):
-                results[(i, k)] = comp
-            for i, _ in chunk:  # a request's metrics: those of the batch it started in
-                metrics.setdefault(i, stats)
-            bar.update(len(chunk))
+        if not encoded:
+            return []
+        engine = self._engine([ids for _, ids in encoded], params)
+        for i, (_, ids) in enumerate(encoded):   # n samples of a request: n sequences
+            engine.add_request(i, ids, params[i])
+        # (request, sample) -> [text, token ids, finish reason, metrics]
+        comps = {(i, k): ["", [], None, None] for i, sp in enumerate(params) for k in range(sp.n)}
+        bar = tqdm(total=len(comps), desc="generating", unit="seq",
+                   disable=not use_tqdm or len(comps) <= 1)
+        while engine.has_unfinished():
+            for o in engine.step():
+                c = comps[(o.request_id, o.index)]
+                c[0] += o.text_delta
+                c[1] += o.token_ids
+                c[2], c[3] = o.finish_reason, o.metrics
+                bar.update(o.finish_reason is not None)
         bar.close()
         return [RequestOutput(i, text, ids,
-                              [CompletionOutput(k, *results[(i, k)]) for k in range(sp.n)],
-                              metrics=metrics[i])
+                              [CompletionOutput(k, *comps[(i, k)][:3]) for k in range(sp.n)],
+                              metrics=SequenceMetrics.merge(
+                                  [comps[(i, k)][3] for k in range(sp.n)]).as_dict())
                 for i, ((text, ids), sp) in enumerate(zip(encoded, params))]
 
     def chat(self, messages, params=None, use_tqdm: bool = True) -> list[RequestOutput]:
@@ -133,11 +143,19 @@ class LLM:
         params = params or SamplingParams()
         if params.n != 1:
             raise ValueError("stream() produces one completion: use n=1")
-        for updates in decode_loop(self.model, [ids], [params], self.tokenizer,
-                                   self.tokenizer.stop_token_ids, stats):
-            for u in updates:
-                if u.text_delta:
-                    yield u.text_delta
+        check_prompt(ids, self.model.config.max_position_embeddings)
+        engine = self._engine([ids], [params])
+        engine.add_request(0, ids, params)
+        m = None
+        while engine.has_unfinished():
+            for o in engine.step():
+                m = o.metrics or m
+                if o.text_delta:
+                    yield o.text_delta
+        if stats is not None:   # the keys decode_loop's stats have (the CLI prints them)
+            stats.update(prefill_s=m.first_token_time - m.arrival_time,
+                         total_s=m.finish_time - m.arrival_time, prompt_tokens=len(ids),
+                         generated_tokens=m.output_tokens, steps=engine.step_count)
 
     def stream_chat(self, messages: Messages, params=None, stats=None) -> Iterator[str]:
         return self.stream(self._render_chat(messages), params, stats)
@@ -147,19 +165,21 @@ class LLM:
     def _per_prompt(params, n):
         return per_row_params(SamplingParams() if params is None else params, n, "prompts")
 
-    def _run(self, prompts, params, stats):
-        outs = [[] for _ in prompts]
-        finish = [None] * len(prompts)
-        texts = [""] * len(prompts)
-        for updates in decode_loop(self.model, prompts, params, self.tokenizer,
-                                   self.tokenizer.stop_token_ids, stats):
-            for u in updates:
-                outs[u.row].append(u.token_id)
-                texts[u.row] += u.text_delta
-                finish[u.row] = u.finish_reason
-        return [(t, o, f) for t, o, f in zip(texts, outs, finish)]
+    def _engine(self, prompts, params) -> LLMEngine:
+        """An engine for these requests: a KV slot per sequence (at most max_batch_size), each
+        as long as the longest prompt + output among them (the cache decode_loop would size)."""
+        ctx = self.model.config.max_position_embeddings
+        longest = max(len(p) + min(sp.max_tokens, ctx - len(p)) for p, sp in zip(prompts, params))
+        seqs = min(self.max_batch_size, sum(sp.n for sp in params))
+        return LLMEngine(self.model, self.tokenizer, max_num_seqs=seqs,
+                         max_num_batched_tokens=self.max_num_batched_tokens,
+                         max_model_len=longest)
 
 
-def _nth(sp: SamplingParams, k: int) -> SamplingParams:
-    """The k-th of n samples: its own seed (seed + k) so the n samples differ reproducibly."""
-    return replace(sp, n=1, seed=None if sp.seed is None else sp.seed + k)
+def _check_sizes(max_batch_size, max_num_batched_tokens):
+    if max_batch_size < 1:
+        raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
+    if max_num_batched_tokens < max_batch_size:
+        raise ValueError(f"max_num_batched_tokens ({max_num_batched_tokens}) must be >= "
+                         f"max_batch_size ({max_batch_size}): each running sequence decodes "
+                         f"one token per step")

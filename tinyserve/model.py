@@ -56,13 +56,21 @@ class Attention(nn.Module):
         self.wv = Linear(c.hidden_size, c.num_kv_heads * c.head_dim, c.attention_bias)
         self.wo = Linear(c.num_heads * c.head_dim, c.hidden_size)
 
-    def forward(self, x, cos, sin, positions, valid, layer, cache: KVCache | None, backend):
+    def forward(self, x, cos, sin, positions, valid, layer, cache: KVCache | None, backend,
+                batch=None):
         B, T, _ = x.shape
         c = self.c
         q = self.wq(x, backend).view(B, T, c.num_heads, c.head_dim).transpose(1, 2)
         k = self.wk(x, backend).view(B, T, c.num_kv_heads, c.head_dim).transpose(1, 2)
         v = self.wv(x, backend).view(B, T, c.num_kv_heads, c.head_dim).transpose(1, 2)
         q, k = ops.apply_rope(q, k, cos, sin, backend=backend)
+        if batch is not None:
+            # Packed step of the engine: B == 1 and the T tokens belong to many sequences.
+            # The KV store (``cache``) writes k/v where each sequence keeps them and runs
+            # every sequence's attention: q [N, Hq, D], k/v [N, Hkv, D] -> o [N, Hq, D].
+            o = cache.attend(layer, q[0].transpose(0, 1), k[0].transpose(0, 1),
+                             v[0].transpose(0, 1), batch)
+            return self.wo(o.reshape(B, T, -1), backend)
         if cache is None:  # no-cache baseline: the keys are exactly this call's tokens
             kv_len = valid.sum(1)
         elif valid is None:
@@ -159,18 +167,35 @@ class Transformer(nn.Module):
         return self.embed.weight.dtype
 
     # ---- forward -------------------------------------------------------------------------
-    def _layers(self, x, cos, sin, positions, valid, cache, be):
+    def _layers(self, x, cos, sin, positions, valid, cache, be, batch=None):
         """The decoder stack with the residual add fused into each RMSNorm:
         h is the residual stream, ``normed`` the input of the next sub-block."""
         h = x
         normed = self.layers[0].attn_norm(h, be)
         for i, blk in enumerate(self.layers):
-            a = blk.attn(normed, cos, sin, positions, valid, i, cache, be)
+            a = blk.attn(normed, cos, sin, positions, valid, i, cache, be, batch)
             normed, h = blk.mlp_norm(a, be, residual=h)                      # h += attn
             m = blk.mlp(normed, be)
             nxt = self.layers[i + 1].attn_norm if i + 1 < len(self.layers) else self.norm
             normed, h = nxt(m, be, residual=h)                               # h += mlp
         return normed  # already through the final norm
+
+    @torch.no_grad()
+    def forward_packed(self, input_ids: torch.Tensor, positions: torch.Tensor, kv, batch,
+                       logits_index: torch.Tensor) -> torch.Tensor:
+        """One engine step, no padding: input_ids, positions [N] -> logits [M, V].
+
+        The N tokens are the concatenated new tokens of every scheduled sequence (a decode
+        adds 1, a prefill chunk its length), viewed as one [1, N] row so every linear layer
+        runs once on all of them. Attention is the only per-sequence op: ``kv.attend`` (a KV
+        store from ``tinyserve.engine``, already ``prepare``d for ``batch``) does it. Only the
+        rows in ``logits_index`` [M] (each sampled sequence's last token) reach the LM head.
+        """
+        pos = positions[None]                                               # [1, N]
+        cos, sin = ops.rope_cos_sin(pos, self.inv_freq)
+        x = self._layers(self.embed(input_ids)[None], cos, sin, pos, None, kv, self.backend,
+                         batch)
+        return self._head(x[0, logits_index])
 
     @torch.no_grad()
     def decode_step(self, input_ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
@@ -188,7 +213,8 @@ class Transformer(nn.Module):
 
     @torch.no_grad()
     def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None,
-                num_new: torch.Tensor | None = None, last_only: bool = False) -> torch.Tensor:
+                num_new: torch.Tensor | None = None, last_only: bool = False,
+                return_hidden: bool = False):
         """input_ids: [B, T] -> logits [B, T, V] (or [B, 1, V] with ``last_only``).
 
         Without a cache, the T tokens are the whole sequence (the recompute-everything
@@ -196,6 +222,9 @@ class Transformer(nn.Module):
         appended to it. ``num_new[b] <= T`` says how many of row b's tokens are real (the rest
         is right padding); ``last_only`` keeps only the logits of each row's last real token,
         which is all generation needs and saves the [T, D] x [D, V] LM-head matmul.
+        ``return_hidden`` -> (logits, hidden): hidden [B, T, D] is every position's final
+        hidden state (after the final norm, what the LM head reads), even with ``last_only``;
+        speculative decoding's draft heads are trained on and fed these.
         """
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
@@ -220,6 +249,7 @@ class Transformer(nn.Module):
         x = self._layers(self.embed(input_ids), cos, sin, positions, valid, cache, self.backend)
         if cache is not None:
             cache.lengths += num_new
+        hidden = x
         if last_only:
             x = x[torch.arange(B, device=dev), (num_new - 1).clamp(min=0)][:, None]
-        return self._head(x)
+        return (self._head(x), hidden) if return_hidden else self._head(x)

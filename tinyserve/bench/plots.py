@@ -5,6 +5,7 @@
     ops      one figure per op: fraction of the measured copy bandwidth, per case and impl
     decode   one figure: decode tokens/s as a fraction of the bandwidth ceiling, per model and
              batch, for ours (with and without CUDA graph) and HF transformers
+    serving  throughput per system, and latency p50/p99 against the arrival rate
     all      the figures of each suite result it embeds
 Figures are written as ``<dir>/<machine>-<suite>[-<op>].png``. ``--out`` (default figures/)
 also receives ``<machine>-plot.json``: which figures were drawn from which result files.
@@ -132,6 +133,9 @@ def plot_result(result: dict, fig_dir) -> list[Path]:
         return plot_ops(result, fig_dir)
     if suite == "decode":
         return plot_decode(result, fig_dir)
+    if suite == "serving":
+        from .serving import plot
+        return plot(result, fig_dir)
     if suite == "all":
         return [p for sub in result.get("results", {}).values()
                 if isinstance(sub, dict) and sub.get("suite") in ("ops", "decode")
@@ -151,7 +155,7 @@ def run(args) -> dict:
         paths = plot_result(result, args.out)
         if not paths:
             raise ValueError(f"{f}: suite {result['suite']!r} has no figures "
-                             f"(plotted: ops, decode, all)")
+                             f"(plotted: ops, decode, serving, all)")
         for p in paths:
             print(p)
     return None
