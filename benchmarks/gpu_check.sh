@@ -9,7 +9,9 @@
 # or runs out of time is logged and the next one still runs. Everything lands in $OUT:
 #   pytest-gpu.xml / .log     `pytest -m gpu` over tests/ (kernels vs references in bf16, the
 #                             model with backend="triton" vs "ref", CUDA graphs, ...)
-#   <gpu>-ops.json, <gpu>-decode.json, *.log    the two suites' results and their output
+#   <gpu>-{ops,quant,serving,speculative,decode}.json, *.log   the suites' results and output
+#                             (the caps add up to more than TOTAL_S: a part that finds too
+#                             little time left is skipped and says so in summary.txt)
 #   figures/                  the plots drawn from those results (the suites write them there)
 #   summary.txt               exit status and seconds of each part
 set -u
@@ -49,12 +51,20 @@ cat "$OUT/machine.txt"
 run pytest-gpu 150 $PY -m pytest -q -m gpu tests/ -p no:cacheprovider -rs \
     --continue-on-collection-errors --junitxml="$OUT/pytest-gpu.xml"
 
-# 2. every op's kernel vs its peers at real shapes (stops starting new cases after --budget-s)
+# 2. every op's kernel vs its peers at real shapes (stops starting new cases after --budget-s);
+#    paged_attention's "contiguous" peer gives the paged/contiguous ratio (target >= 0.9)
 run bench-ops 110 $PY -m tinyserve.bench ops --out "$OUT" --figures "$OUT/figures" --budget-s 80
 
 # 2b. quantized decode: memory and tok/s of bf16 / int4-g128 / int8 / nf4, Llama-2-7B shape,
 #     batch 1 and 16, CUDA graphs (prompt 16: prefill stays on the skinny path, less autotuning)
 run bench-quant 120 $PY -m tinyserve.bench quant --out "$OUT" --prompt-len 16 --budget-s 70
+
+# 2c. continuous vs static batching, Llama-3.2-1B shape (no HF: its 1B generate alone would
+#     take minutes); speculative target/draft step costs combined with the committed CPU alpha
+run bench-serving 80 $PY -m tinyserve.bench serving --model llama-3.2-1b --no-hf --rates '' \
+    --num-requests 64 --out "$OUT" --figures "$OUT/figures"
+run bench-speculative 50 $PY -m tinyserve.bench speculative --device cuda --repeats 10 \
+    --out "$OUT"
 
 # 3. end-to-end decode, Llama-3.2-1B and Llama-2-7B shapes, batch 1 and 16, ours vs HF
 #    --budget-s: start no new (model, batch) run once it is spent; the 80 s kept back let the
