@@ -63,7 +63,7 @@ run bench-quant 120 $PY -m tinyserve.bench quant --out "$OUT" --prompt-len 16 --
 #     take minutes); speculative target/draft step costs combined with the committed CPU alpha
 run bench-serving 80 $PY -m tinyserve.bench serving --model llama-3.2-1b --no-hf --rates '' \
     --num-requests 64 --out "$OUT" --figures "$OUT/figures"
-run bench-speculative 50 $PY -m tinyserve.bench speculative --device cuda --repeats 10 \
+run bench-speculative 50 $PY -m tinyserve.bench speculative --device cuda --repeats 10 --budget-s 35 \
     --out "$OUT"
 
 # 3. end-to-end decode, Llama-3.2-1B and Llama-2-7B shapes, batch 1 and 16, ours vs HF
