@@ -149,7 +149,7 @@ def test_slot_pool_attend_triton_bf16_gpu():
 def test_engine_under_load_equals_each_request_alone(tiny, seqs, budget, every):
     reqs = _requests(tiny.config.vocab_size, 12, seed=seqs * budget)
     engine = LLMEngine(tiny, None, max_num_seqs=seqs, max_num_batched_tokens=budget,
-                       max_model_len=64)
+                       max_model_len=64, kv="slots")
     _check_equal_alone(tiny, engine, reqs, every)
 
 
@@ -157,7 +157,7 @@ def test_engine_on_gqa_mha_and_tied_models():
     for model in (tiny_model(seed=2, num_kv_heads=4, tie_word_embeddings=True),
                   tiny_model(seed=3, num_kv_heads=1, head_dim=8, hidden_size=32)):
         reqs = _requests(model.config.vocab_size, 6, seed=5, max_prompt=20, max_new=6)
-        _check_equal_alone(model, LLMEngine(model, None, 3, 10, 32), reqs, 1)
+        _check_equal_alone(model, LLMEngine(model, None, 3, 10, 32, kv="slots"), reqs, 1)
 
 
 @pytest.mark.gpu
@@ -166,7 +166,8 @@ def test_engine_on_cuda_with_the_triton_kernels_equals_each_request_alone():
     model = tiny_model(seed=6, head_dim=64, hidden_size=256, num_heads=4, num_kv_heads=2,
                        intermediate_size=512).cuda()
     reqs = _requests(model.config.vocab_size, 10, seed=8)
-    engine = LLMEngine(model, None, max_num_seqs=4, max_num_batched_tokens=24, max_model_len=64)
+    engine = LLMEngine(model, None, max_num_seqs=4, max_num_batched_tokens=24, max_model_len=64,
+                       kv="slots")
     _check_equal_alone(model, engine, reqs, 1)
 
 
@@ -183,7 +184,7 @@ def test_engine_under_load_equals_alone_on_smollm2(smollm2):
     reqs = [(tok.encode(t), 12 + i % 5) for i, t in enumerate(texts)]
     assert max(len(p) for p, _ in reqs) > 24           # at least one prompt is chunked
     engine = LLMEngine(model, tok, max_num_seqs=3, max_num_batched_tokens=24,
-                       max_model_len=64)
+                       max_model_len=64, kv="slots")
     _check_equal_alone(model, engine, reqs, 2)
 
 
@@ -245,7 +246,7 @@ def test_recompute_after_preemption_continues_exactly(tiny):
     """Running -> waiting (KV dropped) -> re-admitted: prompt + output so far are re-prefilled,
     in chunks, and generation continues with the tokens it would have made."""
     (p, _), = _requests(tiny.config.vocab_size, 1, seed=4, max_prompt=30)
-    engine = LLMEngine(tiny, None, 2, 8, 64)
+    engine = LLMEngine(tiny, None, 2, 8, 64, kv="slots")
     engine.add_request(0, p, _greedy(12))
     toks = []
     while len(toks) < 5:
@@ -264,7 +265,8 @@ def test_recompute_after_preemption_continues_exactly(tiny):
 def test_abort_frees_the_slot_at_once(tiny):
     V = tiny.config.vocab_size
     (p0, _), (p1, _), (p2, _) = _requests(V, 3, seed=7)
-    engine = LLMEngine(tiny, None, max_num_seqs=2, max_num_batched_tokens=64, max_model_len=64)
+    engine = LLMEngine(tiny, None, max_num_seqs=2, max_num_batched_tokens=64, max_model_len=64,
+                       kv="slots")
     engine.add_request("a", p0, _greedy(30))
     engine.add_request("b", p1, _greedy(30))
     engine.add_request("c", p2, _greedy(4))          # waits: both slots are taken

@@ -141,7 +141,7 @@ def test_500_random_requests_with_aborts_all_finish_and_free_every_slot(tiny):
     rng = random.Random(0)
     S, B, L = 6, 24, 64
     engine = LLMEngine(tiny, None, max_num_seqs=S, max_num_batched_tokens=B, max_model_len=L,
-                       record_steps=True)
+                       record_steps=True, kv="slots")
     reqs, step = {}, 0
     for i in range(500):
         step += rng.choice((0, 0, 0, 1, 1, 2))                   # bursts and gaps

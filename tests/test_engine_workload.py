@@ -103,7 +103,7 @@ def test_static_batches_wait_for_their_longest_and_continuous_refills_at_once(ti
                .tolist() for i in range(4)]
     arrivals = [(0, i, p, SamplingParams(temperature=0, max_tokens=n, ignore_eos=True))
                 for i, (p, n) in enumerate(zip(prompts, news))]
-    cont = LLMEngine(tiny, None, 2, 64, 32, record_steps=True)
+    cont = LLMEngine(tiny, None, 2, 64, 32, record_steps=True, kv="slots")
     stat = StaticBatcher(tiny, None, 2, record_steps=True)
     outs_c, outs_s = replay_by_steps(cont, arrivals), replay_by_steps(stat, arrivals)
     for i, (p, n) in enumerate(zip(prompts, news)):

@@ -17,6 +17,7 @@ from typing import Iterator, Sequence
 from tqdm.auto import tqdm
 
 from .engine import LLMEngine, SequenceMetrics
+from .engine.paged_store import blocks_for_budget
 from .generate import check_prompt
 from .loader import load_model
 from .sampling import SamplingParams, per_row_params
@@ -45,15 +46,33 @@ Messages = Sequence[dict]
 
 class LLM:
     """A model plus its tokenizer, running up to ``max_batch_size`` sequences at once and
-    feeding at most ``max_num_batched_tokens`` tokens per step (longer prompts are chunked)."""
+    feeding at most ``max_num_batched_tokens`` tokens per step (longer prompts are chunked).
+
+    KV memory. The cache is paged by default (PagedAttention, ``kv="paged"``): blocks of
+    ``block_size`` tokens (16), taken as sequences grow, so memory follows the tokens really
+    held. Its budget: ``kv_cache_tokens`` token slots, or ``kv_cache_bytes`` bytes (K and V of
+    every layer: 2 * layers * kv_heads * head_dim * dtype bytes per token, 46 KB for SmolLM2
+    in fp32), rounded down to whole blocks. Default: what a contiguous cache would reserve for
+    the call, min(max_batch_size, sequences) x the longest prompt + max_tokens, so nobody is
+    ever preempted. A smaller budget, or a larger ``max_batch_size`` in the same budget, runs
+    as many sequences as there are free blocks; when the blocks run out, the latest admitted
+    sequence is preempted and recomputed later (its output does not change). Within a call,
+    prompts sharing a prefix reuse its blocks once computed (``enable_prefix_caching``), and
+    the n samples of a request share their prompt's blocks. ``kv="slots"``: the contiguous
+    baseline, one ``max_model_len`` slot per sequence."""
 
     def __init__(self, model: str = "smollm2", device: str = "auto", dtype=None,
                  backend: str = "auto", max_batch_size: int = 16,
-                 quantization: str | dict | None = None, max_num_batched_tokens: int = 2048):
+                 quantization: str | dict | None = None, max_num_batched_tokens: int = 2048,
+                 kv: str = "paged", kv_cache_tokens: int | None = None,
+                 kv_cache_bytes: int | None = None, block_size: int | None = None,
+                 enable_prefix_caching: bool = True):
         """``quantization``: None, a method name ("int8", "int4", "nf4", "gguf", ...; see
         ``tinyserve.quant.known_methods()``) or a dict ``{"method": ..., "group_size": ...,
-        ...}`` of ``tinyserve.quant.quantize_model`` arguments, applied after loading."""
+        ...}`` of ``tinyserve.quant.quantize_model`` arguments, applied after loading. The
+        ``kv*``, ``block_size`` and ``enable_prefix_caching`` options: see the class."""
         _check_sizes(max_batch_size, max_num_batched_tokens)
+        _check_kv(kv, kv_cache_tokens, kv_cache_bytes)
         if quantization is not None:  # check the name before the (slow) load
             from .quant import get_method
             spec = {"method": quantization} if isinstance(quantization, str) else quantization
@@ -66,17 +85,32 @@ class LLM:
         if quantization is not None:
             from .quant import quantize_model
             quantize_model(self.model, **spec)
-        self.max_batch_size, self.max_num_batched_tokens = max_batch_size, max_num_batched_tokens
+        self._setup(max_batch_size, max_num_batched_tokens, kv, kv_cache_tokens, kv_cache_bytes,
+                    block_size, enable_prefix_caching)
 
     @classmethod
     def from_model(cls, model, tokenizer, max_batch_size: int = 16,
-                   max_num_batched_tokens: int = 2048) -> "LLM":
+                   max_num_batched_tokens: int = 2048, kv: str = "paged",
+                   kv_cache_tokens: int | None = None, kv_cache_bytes: int | None = None,
+                   block_size: int | None = None, enable_prefix_caching: bool = True) -> "LLM":
         """Wrap an already loaded (model, tokenizer) pair, e.g. from ``load_model``."""
         _check_sizes(max_batch_size, max_num_batched_tokens)
+        _check_kv(kv, kv_cache_tokens, kv_cache_bytes)
         self = cls.__new__(cls)
         self.model, self.tokenizer = model, tokenizer
-        self.max_batch_size, self.max_num_batched_tokens = max_batch_size, max_num_batched_tokens
+        self._setup(max_batch_size, max_num_batched_tokens, kv, kv_cache_tokens, kv_cache_bytes,
+                    block_size, enable_prefix_caching)
         return self
+
+    def _setup(self, max_batch_size, max_num_batched_tokens, kv, kv_cache_tokens,
+               kv_cache_bytes, block_size, enable_prefix_caching):
+        self.max_batch_size, self.max_num_batched_tokens = max_batch_size, max_num_batched_tokens
+        if kv_cache_bytes is not None:     # bytes -> whole blocks -> token slots
+            bs = 16 if block_size is None else block_size
+            kv_cache_tokens = bs * blocks_for_budget(self.model.config, bs, self.model.dtype,
+                                                     nbytes=kv_cache_bytes)
+        self.kv_options = dict(kv=kv, kv_cache_tokens=kv_cache_tokens, block_size=block_size,
+                               enable_prefix_caching=enable_prefix_caching)
 
     # ---- inputs --------------------------------------------------------------------------
     def _encode(self, prompt) -> tuple[str | None, list[int]]:
@@ -166,14 +200,26 @@ class LLM:
         return per_row_params(SamplingParams() if params is None else params, n, "prompts")
 
     def _engine(self, prompts, params) -> LLMEngine:
-        """An engine for these requests: a KV slot per sequence (at most max_batch_size), each
-        as long as the longest prompt + output among them (the cache decode_loop would size)."""
+        """An engine for these requests: at most max_batch_size sequences, each as long as the
+        longest prompt + output among them (the cache decode_loop would size), KV memory as
+        the class docstring says."""
         ctx = self.model.config.max_position_embeddings
         longest = max(len(p) + min(sp.max_tokens, ctx - len(p)) for p, sp in zip(prompts, params))
+        most = max(sp.n for sp in params)
+        if most > self.max_batch_size:
+            raise ValueError(f"n={most} samples of a request run together: max_batch_size "
+                             f"({self.max_batch_size}) must be >= n")
         seqs = min(self.max_batch_size, sum(sp.n for sp in params))
         return LLMEngine(self.model, self.tokenizer, max_num_seqs=seqs,
                          max_num_batched_tokens=self.max_num_batched_tokens,
-                         max_model_len=longest)
+                         max_model_len=longest, **self.kv_options)
+
+
+def _check_kv(kv, kv_cache_tokens, kv_cache_bytes):
+    if kv not in ("paged", "slots"):
+        raise ValueError(f"kv must be 'paged' or 'slots', got {kv!r}")
+    if kv_cache_tokens is not None and kv_cache_bytes is not None:
+        raise ValueError("give the KV budget as kv_cache_tokens or kv_cache_bytes, not both")
 
 
 def _check_sizes(max_batch_size, max_num_batched_tokens):

@@ -15,6 +15,9 @@ Suites:
     ops        each op's kernel vs its peers (cuBLAS, SDPA, eager ref), fraction of roofline
     decode     decode tokens/s of Llama-3.2-1B / Llama-2-7B shapes (random weights) vs HF
     generate   batch-1 greedy decode tokens/s on SmolLM2: tinyserve vs HF transformers
+    speculative  alpha, tokens per step and speedup per draft and task (CPU; GPU from shapes)
+    serving    continuous vs static batching vs HF batched generate: throughput, latency vs rate
+    paged      paged KV store vs contiguous slots: waste, sequences per KV budget, prefix cache
     all        roofline + ops + decode (+ generate), one result file each
     plot       redraw the figures of result files (``plot benchmarks/results/<file>.json``)
 """
@@ -26,6 +29,9 @@ SUITES = {
     "decode": "tinyserve.bench.decode",
     "generate": "tinyserve.bench.generate",
     "quant": "tinyserve.bench.quant",
+    "serving": "tinyserve.bench.serving",
+    "paged": "tinyserve.bench.paged",
+    "speculative": "tinyserve.bench.speculative",
     "all": "tinyserve.bench.all",
     "plot": "tinyserve.bench.plots",
 }

@@ -11,6 +11,7 @@ work; only how it is batched differs:
 
     continuous   tinyserve.engine.LLMEngine: iteration-level scheduling, chunked prefill,
                  --max-batch sequences, --max-batched-tokens per step, a KV slot per sequence
+                 (kv="slots": the paged store is the ``paged`` suite's subject)
     static       tinyserve.engine.StaticBatcher: takes what has arrived (up to --max-batch),
                  runs the batch to its longest member on the padded decode_loop path, then the
                  next batch; tokens are handed out as made (the generous variant)
@@ -195,7 +196,8 @@ class HFBatcher:
 def make_server(system: str, model, hf, a):
     from ..engine import LLMEngine, StaticBatcher
     if system == "continuous":
-        return LLMEngine(model, None, a["max_batch"], a["max_batched_tokens"], a["max_model_len"])
+        return LLMEngine(model, None, a["max_batch"], a["max_batched_tokens"], a["max_model_len"],
+                         kv="slots")
     if system == "static":
         return StaticBatcher(model, None, a["max_batch"])
     return HFBatcher(hf, a["max_batch"])

@@ -1,19 +1,28 @@
 """Where the engine keeps K/V: the KV store protocol, and a pool of per-sequence slots.
 
-The engine talks to its KV store only through this protocol, so PagedAttention (a block
-store) replaces ``SlotKVPool`` without any change to the scheduler, runner or engine:
+The engine talks to its KV store only through this protocol, so PagedAttention's block
+store (``paged_store.PagedKVStore``, the engine's default) and ``SlotKVPool`` are
+interchangeable under the scheduler, runner and engine:
 
     can_allocate(seq, num_tokens) -> bool   could ``seq`` hold ``num_tokens`` tokens in all?
-    allocate(seq, num_tokens)               make sure it can (first call: take memory for it)
+                                            (False for a running one: the scheduler preempts)
+    allocate(seq, num_tokens) -> int        make sure it can (first call: take memory for it);
+                                            -> leading tokens of ``seq`` already in the store
+                                            (a prefix-cache hit on the first call, else 0):
+                                            the scheduler skips their prefill
+    fork(parent, child)                     parallel sampling: ``child`` starts with the K/V
+                                            the parent has (shared by blocks, or copied)
     free(seq)                               give its memory back, at once
     prepare(batch)                          once per step, before the forward: build the index
                                             tensors every layer's ``attend`` will use
     attend(layer, q, k, v, batch) -> o      write this step's k/v [N, Hkv, D] where each
                                             sequence keeps them, then attention for every
                                             sequence of the batch: q [N, Hq, D] -> o [N, Hq, D]
-    num_free_slots                          sequences that could still be admitted
+    mark_computed(batch)                    after the forward: the batch's K/V are written
     reserved_tokens(), used_tokens()        token capacity held vs tokens really stored, so
                                             waste = (reserved - used) / reserved
+
+(``num_free_slots`` and ``slot_of`` are the slot pool's own: slot timelines and its tests.)
 
 ``SlotKVPool`` is the simplest store: one ``KVCache`` with one row ("slot") per sequence, each
 ``max_model_len`` tokens long, reserved in full on a sequence's first ``allocate``. That
@@ -76,13 +85,24 @@ class SlotKVPool:
     def can_allocate(self, seq, num_tokens: int) -> bool:
         return num_tokens <= self.max_model_len and (seq.seq_id in self._slot or bool(self._free))
 
-    def allocate(self, seq, num_tokens: int):
+    def allocate(self, seq, num_tokens: int) -> int:
+        """-> 0: slots cache no prefixes, every token is computed."""
         if not self.can_allocate(seq, num_tokens):
             raise ValueError(f"sequence {seq.seq_id}: cannot hold {num_tokens} tokens "
                              f"({self.num_free_slots} free slots of {self.max_model_len} tokens)")
         if seq.seq_id not in self._slot:
             self._slot[seq.seq_id] = self._free.pop(0)
         self._tokens[seq.seq_id] = max(num_tokens, self._tokens.get(seq.seq_id, 0))
+        return 0
+
+    def fork(self, parent, child):
+        """The child gets a slot of its own and a copy of the parent's K/V: 2 * layers * Hkv *
+        tokens * D elements read and written, the bytes a paged store shares instead."""
+        n = parent.num_computed
+        self.allocate(child, n)
+        src, dst = self._slot[parent.seq_id], self._slot[child.seq_id]
+        for cache in self.cache.k + self.cache.v:
+            cache[dst, :, :n] = cache[src, :, :n]
 
     def free(self, seq):
         slot = self._slot.pop(seq.seq_id, None)
@@ -96,6 +116,9 @@ class SlotKVPool:
 
     def used_tokens(self) -> int:
         return sum(self._tokens.values())
+
+    def mark_computed(self, batch: PackedBatch):
+        """Nothing to record: a slot's K/V are never shared or looked up by prefix."""
 
     # ---- one step --------------------------------------------------------------------------
     def prepare(self, batch: PackedBatch):

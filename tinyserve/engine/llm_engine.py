@@ -12,6 +12,10 @@ as one packed forward (``ModelRunner``), samples the sequences whose pending tok
 consumed (``tinyserve.sampling.sample``, per-request SamplingParams and seeded generators, so a
 seeded request's tokens do not depend on its neighbours), and retires the finished ones, whose
 KV memory is free for the next step. ``add_request`` and ``abort`` may be called between steps.
+
+The KV store is PagedAttention's ``PagedKVStore`` by default (blocks taken as sequences grow,
+prefix caching, the n samples of a request sharing their prompt's blocks, preemption when the
+blocks run out); ``kv="slots"`` selects the contiguous ``SlotKVPool`` baseline.
 """
 from __future__ import annotations
 
@@ -25,6 +29,7 @@ from ..generate import _append_token, check_prompt
 from ..sampling import SamplingParams, sample
 from .kv_pool import SlotKVPool
 from .model_runner import ModelRunner
+from .paged_store import PagedKVStore, blocks_for_budget
 from .scheduler import Scheduler
 from .sequence import Sequence, SequenceMetrics, nth_sample
 
@@ -61,15 +66,26 @@ def _positive_int(name: str, v) -> int:
 class LLMEngine:
     """``max_num_seqs`` sequences run at once, each step feeding at most
     ``max_num_batched_tokens`` tokens; a sequence holds at most ``max_model_len`` tokens
-    (prompt + output; default: the model's context). ``kv``: a KV store (see ``kv_pool``);
-    default a ``SlotKVPool`` of ``max_num_seqs`` slots of ``max_model_len`` tokens, allocated
-    up front: 2 * layers * kv_heads * head_dim * bytes per token and slot (SmolLM2 in fp32:
-    46 KB, so 16 slots of its full 8K context take 6 GB: size ``max_model_len`` to the
-    requests). ``record_steps`` keeps a ``StepRecord`` per step in ``history``."""
+    (prompt + output; default: the model's context). ``record_steps`` keeps a ``StepRecord``
+    per step in ``history``.
+
+    ``kv``: the KV store (see ``kv_pool``), allocated up front at 2 * layers * kv_heads *
+    head_dim * bytes per token (SmolLM2 in fp32: 46 KB):
+      "paged" (default)  a ``PagedKVStore`` of blocks of ``block_size`` tokens (default 16),
+                         ``kv_cache_tokens`` tokens in all (default: max_num_seqs *
+                         max_model_len rounded up to blocks, the slot pool's memory, so
+                         nobody is ever preempted; less memory, or more max_num_seqs in the
+                         same memory, is what paging makes possible); prefix caching unless
+                         ``enable_prefix_caching=False``;
+      "slots"            a ``SlotKVPool``: ``max_num_seqs`` slots of ``max_model_len`` tokens
+                         (16 slots of SmolLM2's full 8K context take 6 GB: size
+                         ``max_model_len`` to the requests);
+      a store object     used as is."""
 
     def __init__(self, model, tokenizer=None, max_num_seqs: int = 16,
                  max_num_batched_tokens: int = 512, max_model_len: int | None = None,
-                 kv=None, record_steps: bool = False):
+                 kv="paged", record_steps: bool = False, block_size: int | None = None,
+                 kv_cache_tokens: int | None = None, enable_prefix_caching: bool = True):
         ctx = model.config.max_position_embeddings
         max_model_len = ctx if max_model_len is None else max_model_len
         _positive_int("max_num_seqs", max_num_seqs)
@@ -80,8 +96,8 @@ class LLMEngine:
                              f"got {max_model_len}")
         self.model, self.tokenizer, self.max_model_len = model, tokenizer, max_model_len
         self.eos_ids = tuple(tokenizer.stop_token_ids) if tokenizer is not None else ()
-        self.kv = kv if kv is not None else SlotKVPool(
-            model.config, max_num_seqs, max_model_len, model.dtype, model.device, model.backend)
+        self.kv = _make_store(kv, model, max_num_seqs, max_model_len, block_size,
+                              kv_cache_tokens, enable_prefix_caching)
         self.scheduler = Scheduler(self.kv, max_num_seqs, max_num_batched_tokens)
         self.runner = ModelRunner(model, self.kv)
         self._requests: dict[Hashable, list[Sequence]] = {}
@@ -120,6 +136,9 @@ class LLMEngine:
         if len(ids) >= self.max_model_len:
             raise ValueError(f"prompt has {len(ids)} tokens but the engine's max_model_len is "
                              f"{self.max_model_len}: no room to generate")
+        if params.n > self.scheduler.max_num_seqs:
+            raise ValueError(f"n={params.n} samples of a request run together, but "
+                             f"max_num_seqs is {self.scheduler.max_num_seqs}")
         arrival = time.perf_counter() if arrival_time is None else arrival_time
         seqs = [Sequence.create(ids, nth_sample(params, k), self.max_model_len, self.model.device,
                                 self.tokenizer, self.eos_ids, seq_id=next(self._seq_ids),
@@ -127,8 +146,8 @@ class LLMEngine:
                                 metrics=SequenceMetrics(arrival, prompt_tokens=len(ids)))
                 for k in range(params.n)]
         self._requests[request_id] = seqs
-        for s in seqs:
-            self.scheduler.add(s)
+        seqs[0].forks = seqs[1:]        # one prefill: the other samples fork from sample 0
+        self.scheduler.add(seqs[0])
 
     def abort(self, request_id: Hashable) -> bool:
         """Stop a request now and free its KV memory at once. False if it is not running
@@ -179,6 +198,19 @@ class LLMEngine:
         sampled = [c.seq for c in chunks if c.samples]
         for c in chunks:
             c.seq.num_computed += c.num_tokens
+        # A request's other samples start now from sample 0's prompt K/V (shared by a paged
+        # store) and draw their first token, with their own generators, from the same logits.
+        rows = list(range(len(sampled)))
+        for i, seq in enumerate(sampled[:]):
+            for child in seq.forks:
+                self.scheduler.fork(seq, child)
+                child.metrics.first_scheduled_time = seq.metrics.first_scheduled_time
+                child.metrics.first_scheduled_step = seq.metrics.first_scheduled_step
+                sampled.append(child)
+                rows.append(i)
+            seq.forks = []
+        if len(rows) > len(logits):
+            logits = logits[rows]
         tokens = sample(logits, [s.params for s in sampled],
                         [s.generator for s in sampled]).tolist() if sampled else []
         now = time.perf_counter()
@@ -205,3 +237,31 @@ class LLMEngine:
         seqs = self._requests.get(request_id)
         if seqs is not None and all(s.is_finished for s in seqs):
             del self._requests[request_id]
+
+
+def _make_store(kv, model, max_num_seqs, max_model_len, block_size, kv_cache_tokens,
+                enable_prefix_caching):
+    """The engine's KV store from its ``kv`` argument (see ``LLMEngine``)."""
+    paged_opts = block_size is not None or kv_cache_tokens is not None or not enable_prefix_caching
+    if not isinstance(kv, str):
+        if paged_opts:
+            raise ValueError("block_size, kv_cache_tokens and enable_prefix_caching configure "
+                             "the engine's own paged store, not a store passed as kv")
+        return kv
+    c, args = model.config, (model.dtype, model.device, model.backend)
+    if kv == "slots":
+        if paged_opts:
+            raise ValueError("block_size, kv_cache_tokens and enable_prefix_caching are "
+                             "options of kv='paged', not of kv='slots'")
+        return SlotKVPool(c, max_num_seqs, max_model_len, *args)
+    if kv != "paged":
+        raise ValueError(f"kv must be 'paged', 'slots' or a KV store, got {kv!r}")
+    bs = 16 if block_size is None else _positive_int("block_size", block_size)
+    per_seq = -(-max_model_len // bs)                 # blocks of one full-length sequence
+    blocks = (max_num_seqs * per_seq if kv_cache_tokens is None
+              else blocks_for_budget(c, bs, model.dtype, tokens=kv_cache_tokens))
+    if blocks < per_seq:
+        raise ValueError(f"kv_cache_tokens={kv_cache_tokens} holds {blocks} blocks of {bs} "
+                         f"tokens, less than one sequence of max_model_len={max_model_len} "
+                         f"needs ({per_seq} blocks)")
+    return PagedKVStore(c, blocks, bs, *args, enable_prefix_caching=enable_prefix_caching)

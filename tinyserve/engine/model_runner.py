@@ -41,4 +41,6 @@ class ModelRunner:
         """Run the step; -> logits [M, V] of the chunks that sample, in ``chunks`` order."""
         ids, positions, batch, last = self.build(chunks)
         self.kv.prepare(batch)
-        return self.model.forward_packed(ids, positions, self.kv, batch, last)
+        logits = self.model.forward_packed(ids, positions, self.kv, batch, last)
+        self.kv.mark_computed(batch)     # written now: a paged store may share these blocks
+        return logits

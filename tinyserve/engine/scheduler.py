@@ -36,6 +36,12 @@ store grows each sequence block by block): when a running sequence cannot grow, 
 recently admitted running sequence is preempted (``preempt``: running -> head of the queue, KV
 freed, prompt + output re-prefilled when it is admitted again), as vLLM does. The slot pool
 never runs out: a sequence's slot holds ``max_model_len`` tokens from its admission on.
+
+Prefix caching: on admission the store may answer that the first tokens of a sequence are
+already cached (a paged store's blocks of an identical earlier prefix); the sequence starts
+with those computed and only the rest is prefilled. Parallel sampling: a request of n samples
+is admitted as sample 0 with ``n - 1`` seats kept for its ``forks``, which join the running
+sequences (``fork``) once sample 0's prompt is computed.
 """
 from __future__ import annotations
 
@@ -97,15 +103,20 @@ class Scheduler:
         # If memory ran short (someone was preempted back into the queue), admit nobody this
         # step: the preempted would come straight back and be preempted again.
         admit = len(self.waiting) == n_waiting
-        while admit and self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+        seats = len(self.running) + sum(len(s.forks) for s in self.running)   # forks to come
+        while admit and self.waiting and budget > 0:
             seq = self.waiting[0]
             n = min(seq.num_pending, budget)
-            if not self.kv.can_allocate(seq, seq.num_computed + n):
+            if (seats + 1 + len(seq.forks) > self.max_num_seqs
+                    or not self.kv.can_allocate(seq, seq.num_computed + n)):
                 break                                     # FCFS: nobody overtakes the head
             self.waiting.popleft()
-            self.kv.allocate(seq, seq.num_computed + n)
+            # Nothing of a waiting sequence is computed; the store may hold a cached prefix.
+            seq.num_computed = self.kv.allocate(seq, seq.num_computed + n)
+            n = min(seq.num_pending, budget)
             seq.admit()
             self.running.append(seq)
+            seats += 1 + len(seq.forks)
             out.append(ScheduledChunk(seq, n))
             budget -= n
         return out
@@ -130,11 +141,19 @@ class Scheduler:
         self.kv.free(seq)
         self.waiting.appendleft(seq)
 
+    def fork(self, parent: Sequence, child: Sequence):
+        """``child`` (a sample in ``parent.forks``, seat kept) starts running with the
+        parent's computed prompt: the store shares or copies its K/V."""
+        self.kv.fork(parent, child)
+        child.num_computed = parent.num_computed
+        child.admit()
+        self.running.append(child)
+
     def finish(self, seq: Sequence, reason: str):
         """Retire ``seq`` (finished or aborted) and free its KV memory at once."""
         if seq.status is SequenceStatus.RUNNING:
             self.running.remove(seq)
-        elif seq.status is SequenceStatus.WAITING:
+        elif seq in self.waiting:         # not a sample still to be forked (in no queue)
             self.waiting.remove(seq)
         seq.finish(reason)
         self.kv.free(seq)

@@ -11,7 +11,11 @@ by the next steps: the whole prompt at first (in chunks when it is long), then e
 per decode step (the last sampled one). A sequence is sampled in a step only when that step's
 chunk consumes all its pending tokens. Preemption (``preempt``) drops the KV and sets
 ``num_computed = 0``: the sequence goes back to waiting and later re-prefills ``prompt + out``
-(recomputation), continuing exactly where it stopped.
+(recomputation; what a prefix cache still holds is skipped), continuing exactly where it stopped.
+
+Parallel sampling (n > 1): samples 1..n-1 of a request wait in sample 0's ``forks``, in no
+queue. Once sample 0's prompt is computed they are forked from it (``Scheduler.fork``): they
+start from its K/V (one prefill for all) and sample their first token from the same logits.
 """
 from __future__ import annotations
 
@@ -88,6 +92,7 @@ class Sequence(_Row):
     status: SequenceStatus = SequenceStatus.WAITING
     num_computed: int = 0             # leading tokens of prompt + out with K/V in the store
     metrics: SequenceMetrics | None = field(default=None, repr=False)
+    forks: list["Sequence"] = field(default_factory=list, repr=False, compare=False)
 
     @property
     def num_tokens(self) -> int:

@@ -1,0 +1,261 @@
+"""Suite ``paged``: PagedAttention's paged KV store vs the contiguous slot pool, one workload.
+
+    python -m tinyserve.bench paged [--model smollm2] [--num-requests 48] [--budget-seqs 4]
+        [--max-seqs 64] [--block-size 16] [--prefix-requests 16] [--system-len 192]
+        [--threads N]
+
+The workload is ``tinyserve.engine.workload.make_workload`` (seeded lognormal prompt and
+output lengths, all requests at t = 0), decoded greedily with ``ignore_eos``, so both stores
+do the same work (their greedy tokens are compared: ``same_tokens``). Measured:
+
+1. The same KV memory, ``--budget-seqs`` x max_model_len token slots (max_model_len = the
+   longest prompt + output the workload can draw), given to
+     slots   ``LLMEngine(kv="slots")``: --budget-seqs slots of max_model_len tokens each, the
+             contiguous max-length reservation;
+     paged   ``LLMEngine(kv="paged", kv_cache_tokens=budget)``: blocks of --block-size
+             tokens, up to --max-seqs sequences, as many as the free blocks allow.
+   Sampled at every forward: the sequences holding KV, and the token slots reserved vs used.
+   Reported: the most (and mean) concurrent sequences, paged / slots (the issue's target:
+   >= 3x); KV waste (reserved - used) / reserved, time-averaged (each forward weighted by its
+   duration); preemptions; end-to-end throughput with the batch each one could hold.
+2. Prefix caching: --prefix-requests requests that share a --system-len-token system prompt
+   (then a user part of their own), all at once, through the paged store with caching on and
+   off: TTFT, throughput, prompt tokens served from the cache, tokens fed to the model.
+3. Kernels: the paged decode / prefill kernels against the contiguous ones at the same shapes
+   are the ``paged_attention`` cases of ``python -m tinyserve.bench ops`` (run on a GPU; on a
+   CPU the kernels would run in the Triton interpreter, whose speed means nothing).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+
+from .common import clock, log, positive_int, set_threads, table
+
+NAME = "paged"
+HELP = "paged KV store vs contiguous slots: waste, sequences per KV budget, prefix caching"
+
+_CPU = dict(model="smollm2", num_requests=48, prompt_len="32,0.8,4,256",
+            output_len="24,1.0,2,160", prefix_requests=16, system_len=192,
+            user_len="16,0.5,4,64", max_batched_tokens=256, prefix_max_seqs=16)
+_CUDA = dict(model="llama-3.2-1b", num_requests=256, prompt_len="256,0.8,16,1024",
+             output_len="128,1.0,8,512", prefix_requests=64, system_len=1024,
+             user_len="64,0.5,8,256", max_batched_tokens=2048, prefix_max_seqs=64)
+KERNELS = ("paged vs contiguous decode/prefill kernels at equal shapes: `python -m "
+           "tinyserve.bench ops --ops paged_attention` on a GPU (its 'contiguous' peer)")
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--model", default=None,
+                   help="smollm2 (default on CPU), llama-3.2-1b (default on CUDA), llama-2-7b, "
+                        "tiny")
+    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda")
+    p.add_argument("--threads", type=positive_int, default=None,
+                   help="torch CPU threads (default: torch's own choice)")
+    p.add_argument("--num-requests", type=positive_int, default=None,
+                   help="requests of the memory / throughput runs (default 48 CPU, 256 CUDA)")
+    p.add_argument("--prompt-len", default=None,
+                   help="median,sigma,lo,hi of the prompt lengths (default 32,0.8,4,256 CPU)")
+    p.add_argument("--output-len", default=None,
+                   help="median,sigma,lo,hi of the output lengths (default 24,1.0,2,160 CPU)")
+    p.add_argument("--budget-seqs", type=positive_int, default=4,
+                   help="the KV budget, in max_model_len sequences (= the slot pool's slots)")
+    p.add_argument("--max-seqs", type=positive_int, default=64,
+                   help="paged: most sequences at once (the blocks decide below that)")
+    p.add_argument("--block-size", type=positive_int, default=16)
+    p.add_argument("--max-batched-tokens", type=positive_int, default=None,
+                   help="token budget per step (default 256 CPU, 2048 CUDA)")
+    p.add_argument("--prefix-requests", type=positive_int, default=None,
+                   help="requests of the prefix-caching runs (default 16 CPU, 64 CUDA)")
+    p.add_argument("--system-len", type=positive_int, default=None,
+                   help="tokens of the shared system prompt (default 192 CPU, 1024 CUDA)")
+    p.add_argument("--user-len", default=None,
+                   help="median,sigma,lo,hi of the user part after it (default 16,0.5,4,64 CPU)")
+    p.add_argument("--seed", type=int, default=0)
+
+
+# ---- one run, instrumented -------------------------------------------------------------------
+def _instrument(engine, device) -> dict:
+    """Watch an engine: at every forward [seconds, sequences holding KV, reserved token slots,
+    used token slots, tokens fed] (sampled before it, timed to its end); the prompt tokens
+    each admission found cached; the preemptions."""
+    seen = {"samples": [], "cached": [], "preemptions": 0}
+    execute, allocate, preempt = (engine.runner.execute, engine.kv.allocate,
+                                  engine.scheduler.preempt)
+
+    def execute_and_sample(chunks):
+        kv = engine.kv
+        row = [clock(device), len(engine.scheduler.running), kv.reserved_tokens(),
+               kv.used_tokens(), sum(c.num_tokens for c in chunks)]
+        out = execute(chunks)
+        row[0] = clock(device) - row[0]
+        seen["samples"].append(row)
+        return out
+
+    def allocate_and_count(seq, num_tokens):
+        seen["cached"].append(allocate(seq, num_tokens))
+        return seen["cached"][-1]
+
+    def preempt_and_count(seq):
+        seen["preemptions"] += 1
+        preempt(seq)
+    engine.runner.execute, engine.kv.allocate = execute_and_sample, allocate_and_count
+    engine.scheduler.preempt = preempt_and_count
+    return seen
+
+
+def memory_stats(samples) -> dict:
+    """Concurrency and KV waste over a run's samples (see ``_instrument``)."""
+    dt = [s[0] for s in samples]
+    res = sum(t * s[2] for t, s in zip(dt, samples))
+    return {"max_seqs": max(s[1] for s in samples),
+            "mean_seqs": sum(t * s[1] for t, s in zip(dt, samples)) / sum(dt),
+            "waste_time_avg": sum(t * (s[2] - s[3]) for t, s in zip(dt, samples)) / res,
+            "mean_reserved_tokens": res / sum(dt), "forwards": len(samples),
+            "fed_tokens": sum(s[4] for s in samples)}
+
+
+def run_engine(model, work, device, **engine_kw):
+    """Play ``work`` in real time through an instrumented ``LLMEngine(model, **engine_kw)``.
+    -> (serving summary + memory stats, {request_id: token ids}, samples)."""
+    from ..engine import LLMEngine, PagedKVStore
+    from ..engine.workload import run_workload, summarize
+    engine = LLMEngine(model, None, **engine_kw)
+    seen = _instrument(engine, device)
+    run = run_workload(engine, work)
+    kv = engine.kv
+    out = {**summarize(run), **memory_stats(seen["samples"]),
+           "cached_prompt_tokens": sum(seen["cached"]), "preemptions": seen["preemptions"],
+           "kv_capacity_tokens": (kv.num_blocks * kv.block_size if isinstance(kv, PagedKVStore)
+                                  else kv.num_slots * kv.max_model_len)}
+    return out, {r["request_id"]: r["token_ids"] for r in run["requests"]}, seen["samples"]
+
+
+# ---- the suite -----------------------------------------------------------------------------------
+def run(args) -> dict:
+    import numpy as np
+
+    from ..engine.workload import make_workload
+    from . import roofline
+    from .common import env_info
+    from .serving import _lengths, load_models
+    device = roofline.resolve_device(args.device)
+    set_threads(args.threads)
+    d = _CUDA if device.type == "cuda" else _CPU
+    name = (args.model or d["model"]).lower()
+    prompt = _lengths(args.prompt_len or d["prompt_len"], "prompt-len")
+    output = _lengths(args.output_len or d["output_len"], "output-len")
+    user = _lengths(args.user_len or d["user_len"], "user-len")
+    n_req = args.num_requests or d["num_requests"]
+    n_pre = args.prefix_requests or d["prefix_requests"]
+    sys_len = args.system_len or d["system_len"]
+    mbt = args.max_batched_tokens or d["max_batched_tokens"]
+    if mbt < args.max_seqs:
+        raise ValueError(f"--max-batched-tokens ({mbt}) must be >= --max-seqs ({args.max_seqs})")
+    env = env_info(device, getattr(args, "argv", None))
+    log(f"[paged] loading {name} on {device} ...")
+    model = load_models(name, device, False, args.seed)[0]
+    V, ctx = model.config.vocab_size, model.config.max_position_embeddings
+    L = prompt.hi + output.hi
+    L_pre = sys_len + user.hi + output.hi
+    if max(L, L_pre) > ctx:
+        raise ValueError(f"max_model_len {max(L, L_pre)} (prompt + output hi, or system + user "
+                         f"+ output hi) exceeds the context ({ctx})")
+    budget = args.budget_seqs * L
+    work = make_workload(n_req, math.inf, V, prompt, output, args.seed)
+    systems = {
+        "slots": dict(kv="slots", max_num_seqs=args.budget_seqs),
+        "paged": dict(kv="paged", max_num_seqs=args.max_seqs, kv_cache_tokens=budget,
+                      block_size=args.block_size)}
+    warm = make_workload(2, math.inf, V, prompt, replace(output, median=2, lo=2, hi=2),
+                         args.seed + 1)
+    results, tokens, series = {}, {}, {}
+    for s, kw in systems.items():
+        kw.update(max_num_batched_tokens=mbt, max_model_len=L)
+        run_engine(model, warm, device, **kw)       # first calls allocate / compile
+        log(f"[paged] {s}: {n_req} requests, KV budget {budget} tokens ...")
+        results[s], tokens[s], samples = run_engine(model, work, device, **kw)
+        series[s] = [[round(row[0], 5), *row[1:4]] for row in samples]
+        log(f"[paged] {s}: {results[s]['max_seqs']} sequences at most, "
+            f"{results[s]['output_tok_s']:.1f} output tok/s")
+    ratio = {k: results["paged"][k] / results["slots"][k]
+             for k in ("max_seqs", "mean_seqs", "output_tok_s", "total_tok_s")}
+    same = sum(tokens["paged"][k] == tokens["slots"].get(k) for k in tokens["paged"])
+
+    # prefix caching: one system prompt, then each request's own part
+    rng = np.random.default_rng(args.seed + 2)
+    system = rng.integers(0, V, sys_len).tolist()
+    shared = [replace(r, prompt_ids=system + r.prompt_ids)
+              for r in make_workload(n_pre, math.inf, V, user, output, args.seed + 3)]
+    kw = dict(kv="paged", max_num_seqs=min(args.max_seqs, d["prefix_max_seqs"]),
+              max_num_batched_tokens=mbt, max_model_len=L_pre, block_size=args.block_size)
+    prefix, prefix_tokens = {}, {}
+    for on in (True, False):
+        key = "cache_on" if on else "cache_off"
+        run_engine(model, warm, device, enable_prefix_caching=on, **kw)
+        log(f"[paged] prefix caching {'on' if on else 'off'}: {n_pre} requests sharing "
+            f"{sys_len} tokens ...")
+        prefix[key], prefix_tokens[key], _ = run_engine(model, shared, device,
+                                                        enable_prefix_caching=on, **kw)
+    pre_ratio = {"output_tok_s": prefix["cache_on"]["output_tok_s"]
+                 / prefix["cache_off"]["output_tok_s"],
+                 "ttft_p50": prefix["cache_off"]["ttft_s"]["p50"]
+                 / prefix["cache_on"]["ttft_s"]["p50"]}
+    result = {
+        "suite": NAME, "env": env,
+        "config": {"model": name, "device": str(device),
+                   "dtype": str(model.dtype).replace("torch.", ""), "num_requests": n_req,
+                   "seed": args.seed, "prompt_len": vars(prompt), "output_len": vars(output),
+                   "max_model_len": L, "budget_seqs": args.budget_seqs,
+                   "kv_budget_tokens": budget, "max_seqs": args.max_seqs,
+                   "block_size": args.block_size, "max_batched_tokens": mbt,
+                   "kv_bytes_per_token": model.config.kv_bytes_per_token(
+                       model.dtype.itemsize),
+                   "prompt_tokens": sum(len(r.prompt_ids) for r in work),
+                   "output_tokens": sum(r.max_tokens for r in work),
+                   "prefix": {"requests": n_pre, "system_len": sys_len, "user_len": vars(user),
+                              "max_model_len": L_pre, **{k: v for k, v in kw.items()
+                                                         if k != "kv"}},
+                   "decoding": "greedy, ignore_eos: every request makes its drawn length"},
+        "results": results, "paged_over_slots": ratio,
+        "same_tokens": {"same": same, "of": len(tokens["paged"])},
+        "series": series,
+        "prefix_caching": {**prefix, "on_over_off": pre_ratio,
+                           "same_tokens": sum(prefix_tokens["cache_on"][k]
+                                              == prefix_tokens["cache_off"][k]
+                                              for k in prefix_tokens["cache_on"])},
+        "kernels": KERNELS,
+    }
+    print(report(result))
+    return result
+
+
+def report(result: dict) -> str:
+    c, res = result["config"], result["results"]
+    rows = [[s, r["max_seqs"], f"{r['mean_seqs']:.1f}", f"{100 * r['waste_time_avg']:.1f}%",
+             r["preemptions"], f"{r['output_tok_s']:.1f}", f"{r['total_tok_s']:.1f}",
+             f"{r['duration_s']:.1f}"] for s, r in res.items()]
+    env = result["env"]
+    lines = [f"paged: {c['model']} on {env['gpu'] or env['cpu']} ({c['device']}, {c['dtype']}), "
+             f"{c['num_requests']} requests at once, KV budget {c['kv_budget_tokens']} tokens "
+             f"({c['budget_seqs']} x max_model_len {c['max_model_len']}), blocks of "
+             f"{c['block_size']}",
+             table(rows, ["store", "max seqs", "mean seqs", "KV waste", "preempted",
+                          "out tok/s", "total tok/s", "time s"])]
+    r = result["paged_over_slots"]
+    lines.append(f"paged / slots: {r['max_seqs']:.1f}x the sequences at once (mean "
+                 f"{r['mean_seqs']:.1f}x), {r['output_tok_s']:.2f}x output tok/s; same greedy "
+                 f"tokens {result['same_tokens']['same']}/{result['same_tokens']['of']}")
+    p = result["prefix_caching"]
+    rows = [[k, p[k]["cached_prompt_tokens"], p[k]["fed_tokens"],
+             f"{1e3 * p[k]['ttft_s']['p50']:.0f}", f"{1e3 * p[k]['ttft_s']['p99']:.0f}",
+             f"{p[k]['output_tok_s']:.1f}", f"{p[k]['duration_s']:.1f}"]
+            for k in ("cache_on", "cache_off")]
+    lines += [f"prefix caching: {c['prefix']['requests']} requests sharing a "
+              f"{c['prefix']['system_len']}-token system prompt",
+              table(rows, ["prefix cache", "cached tokens", "fed tokens", "TTFT p50 ms",
+                           "TTFT p99 ms", "out tok/s", "time s"]),
+              f"cache on / off: {p['on_over_off']['output_tok_s']:.2f}x output tok/s, TTFT p50 "
+              f"{p['on_over_off']['ttft_p50']:.2f}x shorter",
+              f"kernels: {result['kernels']}"]
+    return "\n".join(lines)
