@@ -149,10 +149,11 @@ class PagedKVStore:
         # All decodes: one query per row, the split-KV decode kernel; else packed queries.
         self._cu_q = (None if all(n == 1 for n in batch.q_lens)
                       else torch.tensor(batch.cu_q, dtype=torch.int32, device=dev))
+        self._max_q = max(batch.q_lens)
 
     def attend(self, layer: int, q, k, v, batch: PackedBatch):
         """q [N, Hq, D], k/v [N, Hkv, D] -> o [N, Hq, D] (``prepare(batch)`` ran first)."""
         kc, vc = self.k[layer], self.v[layer]
         ops.paged_write(kc, vc, k, v, self._slots, backend=self.backend)
         return ops.paged_attention(q, kc, vc, self._tables, self._kv_lens, self._cu_q,
-                                   backend=self.backend)
+                                   backend=self.backend, max_q_len=self._max_q)

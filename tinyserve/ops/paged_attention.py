@@ -410,18 +410,23 @@ def paged_prefill_attention_triton(q, k_cache, v_cache, block_tables, cu_q, kv_l
     return out
 
 
-def paged_attention(q, k_cache, v_cache, block_tables, kv_lens, cu_q=None, backend="auto"):
+def paged_attention(q, k_cache, v_cache, block_tables, kv_lens, cu_q=None, backend="auto",
+                    max_q_len=None):
     """Attention over a paged cache. cu_q None: decode, q [B, Hq, D] (one query per row);
     else packed queries q [N, Hq, D] (prefill chunks, decodes as q_len 1, or both).
-    backend: ref | triton | auto (triton on CUDA when the kernels support head_dim/dtype)."""
+    backend: ref | triton | auto (triton on CUDA when the kernels support head_dim/dtype).
+    ``max_q_len`` (packed only): the longest q_len, known on the host; without it the Triton
+    launcher reads it from ``cu_q`` on the device, a sync per call."""
     impl = resolve(backend, q)
     if impl == "triton" and backend == "auto" and not kernel_supports(q, k_cache):
         impl = "ref"   # e.g. the head_dim-8 toy models of the tests, run on a GPU
     if cu_q is None:
         fn = paged_decode_attention_triton if impl == "triton" else paged_decode_attention_ref
         return fn(q, k_cache, v_cache, block_tables, kv_lens)
-    fn = paged_prefill_attention_triton if impl == "triton" else paged_prefill_attention_ref
-    return fn(q, k_cache, v_cache, block_tables, cu_q, kv_lens)
+    if impl == "triton":
+        return paged_prefill_attention_triton(q, k_cache, v_cache, block_tables, cu_q, kv_lens,
+                                              max_q_len=max_q_len)
+    return paged_prefill_attention_ref(q, k_cache, v_cache, block_tables, cu_q, kv_lens)
 
 
 # ---- benchmark ----------------------------------------------------------------------------
