@@ -22,6 +22,17 @@ def smollm2_path():
     return str(p)
 
 
+@pytest.fixture
+def one_thread():
+    """Tests of many tiny ops (engine steps, draft rounds, toy models): on a busy 2-core
+    machine torch's threads spin against each other and make each op many times slower.
+    Put torch's setting back afterwards."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def smollm2_file():
     return smollm2_path()

@@ -18,14 +18,8 @@ from tinyserve.generate import decode_loop, generate_ids
 from tinyserve.sampling import SamplingParams
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Many small steps: one torch thread avoids threads spinning against each other on a
-    busy 2-core machine. Put torch's setting back afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# Many small ops: one torch thread (see conftest.one_thread).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -20,13 +20,8 @@ from tinyserve.generate import generate_ids
 from tinyserve.sampling import SamplingParams
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Many small steps: one torch thread is faster on a busy 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# Many small ops: one torch thread (see conftest.one_thread).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -20,14 +20,8 @@ from tinyserve.speculative import (Draft, DraftHead, HeadDraft, ModelDraft, Prom
 from tinyserve.speculative.head import init_head
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: on a busy 2-core machine torch's threads spin against each other and
-    make every op tens of times slower. Put torch's setting back afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# Many small ops: one torch thread (see conftest.one_thread).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---- the rule, statistically ---------------------------------------------------------------

@@ -8,17 +8,8 @@ from tinyserve.speculative import (DEFAULT_HEAD, PromptLookupDraft, early_exit_d
                                    generate_speculative, load_head, load_head_draft,
                                    quantized_draft)
 
-pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """On a busy 2-core machine torch's threads spin against each other (the int4 draft's
-    many small dequantize ops suffer most). Put torch's setting back afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# Many small ops (the int4 draft's dequantizes most): one torch thread, see conftest.one_thread.
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
 N = 28
 TEXT = ("The lighthouse keeper climbed the stairs every night, cleaned the lens and lit the "
@@ -36,7 +27,7 @@ def prompt(smollm2):
 @pytest.fixture(scope="module")
 def reference(smollm2, prompt):
     n = torch.get_num_threads()
-    torch.set_num_threads(1)          # module scope: set up before _one_thread runs
+    torch.set_num_threads(1)          # module scope: set up before one_thread runs
     try:
         return generate_ids(smollm2[0], [prompt], N, ignore_eos=True)[0]   # exactly N tokens
     finally:
