@@ -325,3 +325,14 @@ def test_bad_arguments():
     with pytest.raises(TypeError, match="token_ids"):
         bm.allocate("b", ["x"])
     bm.check_invariants()
+
+
+def test_ref_count_accessor():
+    bm = BlockManager(num_blocks=4, block_size=4)
+    bm.allocate("a", list(range(6)))
+    bm.fork("a", "b")
+    assert [bm.ref_count(b) for b in bm.block_table("a")] == [2, 2]
+    bm.free("a")
+    assert [bm.ref_count(b) for b in bm.block_table("b")] == [1, 1]
+    with pytest.raises(ValueError, match="block 4"):
+        bm.ref_count(4)

@@ -153,12 +153,12 @@ def test_n_samples_share_the_prompt_blocks_and_equal_unshared_samples(tiny, fed)
     seqs = engine._requests["n"]
     tables = [engine.kv.block_table(s.seq_id) for s in seqs]
     assert tables[0] == tables[1] == tables[2] and len(tables[0]) == 4
-    assert [engine.kv.bm._ref[b] for b in tables[0]] == [3, 3, 3, 3]
+    assert [engine.kv.bm.ref_count(b) for b in tables[0]] == [3, 3, 3, 3]
     engine.step()                                     # each writes its token: copy-on-write
     tables = [engine.kv.block_table(s.seq_id) for s in seqs]
     assert tables[0][:3] == tables[1][:3] == tables[2][:3]
     assert len({t[3] for t in tables}) == 3            # the partly filled block: one each
-    assert [engine.kv.bm._ref[b] for b in tables[0]] == [3, 3, 3, 1]
+    assert [engine.kv.bm.ref_count(b) for b in tables[0]] == [3, 3, 3, 1]
     outs = replay_by_steps(engine, [])
     shared = [seqs[k].out for k in range(3)]
     assert fed["tokens"] == len(p) + 3 * (10 - 1)       # one prefill, then 3 x 9 decodes

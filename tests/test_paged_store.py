@@ -130,8 +130,8 @@ def test_fork_shares_blocks_and_copy_on_write_keeps_both_exact(tiny):
     logits, _ = _forward(tiny, store, [(parent, 10)])
     parent.num_computed = child.num_computed = 10
     store.fork(parent, child)
-    assert store.block_table(1) == store.block_table(0) and store.bm._ref[
-        store.block_table(0)[0]] == 2
+    assert store.block_table(1) == store.block_table(0) and store.bm.ref_count(
+        store.block_table(0)[0]) == 2
     free_before = store.num_free_blocks
     # the samples differ: the parent takes the argmax, the child the second best token
     top2 = logits[-1].topk(2).indices.tolist()

@@ -131,6 +131,13 @@ class BlockManager:
         bs = self.block_size
         return [s.table[t // bs] * bs + t % bs for t in range(start, end)]
 
+    def ref_count(self, block: int) -> int:
+        """How many block-table entries point at physical ``block`` (> 1: shared)."""
+        if not 0 <= block < len(self._ref):
+            raise ValueError(f"BlockManager.ref_count: block {block} is not in "
+                             f"[0, {len(self._ref)})")
+        return self._ref[block]
+
     def reserved_tokens(self) -> int:
         """Slots of the blocks sequences hold (each shared block counted once)."""
         return sum(1 for r in self._ref if r > 0) * self.block_size
