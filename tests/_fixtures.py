@@ -418,3 +418,13 @@ def tiny_model(seed=0, dtype=None, **over):
     m = Transformer(c)
     m.load_weights(random_state(c, seed))
     return m.to(dtype or torch.float32).eval()
+
+
+def close(name, got, want, atol, rtol):
+    """assert_close that first prints the worst mismatch and where it is (kernel tests run
+    with -s show it), and names an unwritten (NaN-poisoned) output as such."""
+    err = (got.float() - want.float()).abs()
+    at = [int(i) for i in torch.unravel_index(err.argmax(), err.shape)] if err.numel() else []
+    print(f"{name}: worst |diff| {err.max().item() if err.numel() else 0:.3g} at {at}")
+    assert not got.isnan().any(), f"{name}: NaN in the output (an element left unwritten?)"
+    torch.testing.assert_close(got, want, atol=atol, rtol=rtol)

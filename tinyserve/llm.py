@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from .engine import LLMEngine, SequenceMetrics
 from .engine.paged_store import blocks_for_budget
+from .engine.scheduler import check_budgets
 from .generate import check_prompt
 from .loader import load_model
 from .sampling import SamplingParams, per_row_params
@@ -71,7 +72,7 @@ class LLM:
         ``tinyserve.quant.known_methods()``) or a dict ``{"method": ..., "group_size": ...,
         ...}`` of ``tinyserve.quant.quantize_model`` arguments, applied after loading. The
         ``kv*``, ``block_size`` and ``enable_prefix_caching`` options: see the class."""
-        _check_sizes(max_batch_size, max_num_batched_tokens)
+        check_budgets(max_batch_size, max_num_batched_tokens, "max_batch_size")
         _check_kv(kv, kv_cache_tokens, kv_cache_bytes)
         if quantization is not None:  # check the name before the (slow) load
             from .quant import get_method
@@ -94,7 +95,7 @@ class LLM:
                    kv_cache_tokens: int | None = None, kv_cache_bytes: int | None = None,
                    block_size: int | None = None, enable_prefix_caching: bool = True) -> "LLM":
         """Wrap an already loaded (model, tokenizer) pair, e.g. from ``load_model``."""
-        _check_sizes(max_batch_size, max_num_batched_tokens)
+        check_budgets(max_batch_size, max_num_batched_tokens, "max_batch_size")
         _check_kv(kv, kv_cache_tokens, kv_cache_bytes)
         self = cls.__new__(cls)
         self.model, self.tokenizer = model, tokenizer
@@ -222,10 +223,3 @@ def _check_kv(kv, kv_cache_tokens, kv_cache_bytes):
         raise ValueError("give the KV budget as kv_cache_tokens or kv_cache_bytes, not both")
 
 
-def _check_sizes(max_batch_size, max_num_batched_tokens):
-    if max_batch_size < 1:
-        raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
-    if max_num_batched_tokens < max_batch_size:
-        raise ValueError(f"max_num_batched_tokens ({max_num_batched_tokens}) must be >= "
-                         f"max_batch_size ({max_batch_size}): each running sequence decodes "
-                         f"one token per step")

@@ -3,6 +3,7 @@ import importlib
 
 import pytest
 import torch
+from _fixtures import close
 
 mod = importlib.import_module("tinyserve.ops.decode_attention")   # the module, not the function
 TOLS = [(torch.float32, 1e-5, 1e-5), (torch.float16, 2e-3, 2e-3)]
@@ -30,20 +31,13 @@ def _run(q, k, v, q_pos, kv, **kw):
     return out
 
 
-def _close(name, got, want, atol, rtol):
-    err = (got.float() - want.float()).abs()
-    at = [int(i) for i in torch.unravel_index(err.argmax(), err.shape)]
-    print(f"{name}: worst |diff| {err.max().item():.3g} at {at}")
-    assert not got.isnan().any(), f"{name}: NaN in the output (an element left unwritten?)"
-    torch.testing.assert_close(got, want, atol=atol, rtol=rtol)
-
 
 @pytest.mark.parametrize("dtype,atol,rtol", TOLS)
 @pytest.mark.parametrize("G", [1, 4])
 @pytest.mark.parametrize("S", [1, 7, 123, 1000])
 def test_lengths_not_multiple_of_block(S, G, dtype, atol, rtol):
     q, k, v, q_pos, kv = _case([S], Hq=2 * G, Hkv=2, dtype=dtype)
-    _close(f"S={S} G={G} {dtype}", _run(q, k, v, q_pos, kv),
+    close(f"S={S} G={G} {dtype}", _run(q, k, v, q_pos, kv),
            mod.decode_attention_ref(q, k, v, q_pos, kv), atol, rtol)
 
 
@@ -52,7 +46,7 @@ def test_lengths_not_multiple_of_block(S, G, dtype, atol, rtol):
 def test_gqa_ratios_rows_of_different_lengths(G, num_splits):
     dtype, atol, rtol = TOLS[1]
     q, k, v, q_pos, kv = _case([5, 130, 64], Hq=2 * G, Hkv=2, dtype=dtype, seed=G)
-    _close(f"G={G} splits={num_splits}", _run(q, k, v, q_pos, kv, num_splits=num_splits),
+    close(f"G={G} splits={num_splits}", _run(q, k, v, q_pos, kv, num_splits=num_splits),
            mod.decode_attention_ref(q, k, v, q_pos, kv), atol, rtol)
 
 
@@ -63,7 +57,7 @@ def test_empty_rows_short_q_pos_and_more_splits_than_blocks(dtype, atol, rtol):
     q, k, v, q_pos, kv = _case([0, 1, 200, 150], Hq=4, Hkv=1, dtype=dtype, q_pos=[0, 0, 99, 149])
     for ns in (64, 2):
         out = _run(q, k, v, q_pos, kv, num_splits=ns)
-        _close(f"splits={ns}", out, mod.decode_attention_ref(q, k, v, q_pos, kv), atol, rtol)
+        close(f"splits={ns}", out, mod.decode_attention_ref(q, k, v, q_pos, kv), atol, rtol)
         assert (out[0] == 0).all()
 
 
@@ -71,7 +65,7 @@ def test_head_dim_128_and_contiguous_qkv():
     dtype, atol, rtol = TOLS[1]
     q, k, v, q_pos, kv = _case([300, 77], Hq=8, Hkv=2, D=128, dtype=dtype)
     for args in ((q, k, v), (q.contiguous(), k.contiguous(), v.contiguous())):
-        _close("D=128", _run(*args, q_pos, kv), mod.decode_attention_ref(*args, q_pos, kv),
+        close("D=128", _run(*args, q_pos, kv), mod.decode_attention_ref(*args, q_pos, kv),
                atol, rtol)
 
 
@@ -127,7 +121,7 @@ def test_bench_cases_small_run():
         impls = c.setup()
         want = impls["ref"]()
         for name in ("sdpa", "triton"):
-            _close(f"{c.name} {name}", impls[name]().float(), want.float(), 1e-5, 1e-5)
+            close(f"{c.name} {name}", impls[name]().float(), want.float(), 1e-5, 1e-5)
 
 
 @pytest.mark.gpu
@@ -136,8 +130,8 @@ def test_gpu_bf16_32k_context(Hq, Hkv):
     q, k, v, q_pos, kv = _case([32768, 20001], Hq=Hq, Hkv=Hkv, D=128, dtype=torch.bfloat16,
                                device="cuda")
     torch.cuda.synchronize()
-    _close(f"32k bf16 {Hq}/{Hkv}", _run(q, k, v, q_pos, kv),
+    close(f"32k bf16 {Hq}/{Hkv}", _run(q, k, v, q_pos, kv),
            mod.decode_attention_ref(q, k, v, q_pos, kv), 2e-2, 2e-2)
     for ns in (1, 7):
-        _close(f"splits={ns}", _run(q, k, v, q_pos, kv, num_splits=ns),
+        close(f"splits={ns}", _run(q, k, v, q_pos, kv, num_splits=ns),
                mod.decode_attention_ref(q, k, v, q_pos, kv), 2e-2, 2e-2)

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from tinyserve.engine.block_manager import BlockManager
+from _fixtures import close
 
 mod = importlib.import_module("tinyserve.ops.paged_attention")
 dec = importlib.import_module("tinyserve.ops.decode_attention")
@@ -38,13 +39,6 @@ def _contiguous(cache, bt, kv_lens):
     return out
 
 
-def _close(name, got, want, atol, rtol):
-    err = (got.float() - want.float()).abs()
-    at = [int(i) for i in torch.unravel_index(err.argmax(), err.shape)] if err.numel() else []
-    print(f"{name}: worst |diff| {err.max().item() if err.numel() else 0:.3g} at {at}")
-    assert not got.isnan().any(), f"{name}: NaN in the output (an element left unwritten?)"
-    torch.testing.assert_close(got, want, atol=atol, rtol=rtol)
-
 
 def _decode(q, kc, vc, bt, kv, **kw):
     out = torch.full_like(q, float("nan"))       # poisoned: an unwritten element fails
@@ -55,15 +49,15 @@ def _decode(q, kc, vc, bt, kv, **kw):
 def _check_decode(name, q, kc, vc, bt, kv, atol, rtol, **kw):
     got = _decode(q, kc, vc, bt, kv, **kw)
     want = mod.paged_decode_attention_ref(q, kc, vc, bt, kv)
-    _close(f"{name} vs ref", got, want, atol, rtol)
+    close(f"{name} vs ref", got, want, atol, rtol)
     k, v = _contiguous(kc, bt, kv), _contiguous(vc, bt, kv)
     q_pos = (kv - 1).clamp(min=0)[:, None]
     # the reference equals the contiguous reference (up to the fp32 summation order: the
     # gather pads S to whole blocks), the kernel the contiguous kernel
-    _close(f"{name} ref vs contiguous ref", want,
+    close(f"{name} ref vs contiguous ref", want,
            dec.decode_attention_ref(q[:, :, None], k, v, q_pos, kv)[:, :, 0], atol, rtol)
     contiguous = dec.decode_attention_triton(q[:, :, None], k, v, q_pos, kv)[:, :, 0]
-    _close(f"{name} vs contiguous kernel", got, contiguous, atol, rtol)
+    close(f"{name} vs contiguous kernel", got, contiguous, atol, rtol)
     return got
 
 
@@ -102,7 +96,7 @@ def _check_prefill(name, q, kc, vc, bt, cu_q, kv, atol, rtol):
     got = mod.paged_prefill_attention_triton(q, kc, vc, bt, cu_q, kv, out=out)
     assert got is out
     want = mod.paged_prefill_attention_ref(q, kc, vc, bt, cu_q, kv)
-    _close(f"{name} vs ref", got, want, atol, rtol)
+    close(f"{name} vs ref", got, want, atol, rtol)
     # The contiguous kernel on a right-padded batch: row b's T queries at kv - q_len + t.
     q_lens = (cu_q[1:] - cu_q[:-1]).tolist()
     T = max(q_lens)
@@ -115,9 +109,9 @@ def _check_prefill(name, q, kc, vc, bt, cu_q, kv, atol, rtol):
     contiguous = pre.prefill_attention_triton(q4, k, v, q_pos, kv)
     ref4 = pre.prefill_attention_ref(q4, k, v, q_pos, kv)
     for b, (s, n) in enumerate(zip(cu_q.tolist(), q_lens)):
-        _close(f"{name} row {b} vs contiguous kernel", got[s:s + n],
+        close(f"{name} row {b} vs contiguous kernel", got[s:s + n],
                contiguous[b, :, :n].transpose(0, 1), atol, rtol)
-        _close(f"{name} row {b} ref vs contiguous ref", want[s:s + n],
+        close(f"{name} row {b} ref vs contiguous ref", want[s:s + n],
                ref4[b, :, :n].transpose(0, 1), atol, rtol)
     return got
 
@@ -223,7 +217,7 @@ def test_block_manager_tables_drive_the_kernels():
         v = torch.stack([kv_of[tuple(toks[:t + 1])][1] for t in range(len(toks))], 1)[None]
         want = dec.decode_attention_ref(q[i:i + 1, :, None], k, v,
                                         torch.tensor([[len(toks) - 1]]), kv[i:i + 1])
-        _close(f"seq {s}", got[i], want[0, :, 0], 1e-5, 1e-5)
+        close(f"seq {s}", got[i], want[0, :, 0], 1e-5, 1e-5)
 
 
 def test_bad_arguments_raise_value_error():
@@ -327,7 +321,7 @@ def test_bench_cases_small_run():
     for c in cases:
         impls = c.setup()
         assert "contiguous" not in impls          # the contiguous kernels are timed on CUDA
-        _close(c.name, impls["triton"]().float(), impls["ref"]().float(), 1e-5, 1e-5)
+        close(c.name, impls["triton"]().float(), impls["ref"]().float(), 1e-5, 1e-5)
 
 
 @pytest.mark.gpu
@@ -338,12 +332,12 @@ def test_gpu_bf16_decode_real_shapes(Hq, Hkv):
     q = (3 * torch.randn(4, Hq, 128, generator=g)).to("cuda", torch.bfloat16)
     want = mod.paged_decode_attention_ref(q, kc, vc, bt, kv)
     for ns in (None, 1, 7):
-        _close(f"bf16 {Hq}/{Hkv} splits={ns}", _decode(q, kc, vc, bt, kv, num_splits=ns),
+        close(f"bf16 {Hq}/{Hkv} splits={ns}", _decode(q, kc, vc, bt, kv, num_splits=ns),
                want, 2e-2, 2e-2)
     k = mod._gather(kc, bt, kv)
     v = mod._gather(vc, bt, kv)
     contiguous = dec.decode_attention_triton(q[:, :, None], k, v, (kv - 1)[:, None], kv)
-    _close("vs contiguous kernel", _decode(q, kc, vc, bt, kv), contiguous[:, :, 0], 2e-2, 2e-2)
+    close("vs contiguous kernel", _decode(q, kc, vc, bt, kv), contiguous[:, :, 0], 2e-2, 2e-2)
 
 
 @pytest.mark.gpu
@@ -355,7 +349,7 @@ def test_gpu_bf16_prefill_and_write_real_shapes():
     q = (3 * torch.randn(2861, 32, 128, generator=g)).to("cuda", torch.bfloat16)
     out = torch.full_like(q, float("nan"))
     mod.paged_prefill_attention_triton(q, kc, vc, bt, cu_q, kv, out=out, max_q_len=2048)
-    _close("prefill bf16", out, mod.paged_prefill_attention_ref(q, kc, vc, bt, cu_q, kv),
+    close("prefill bf16", out, mod.paged_prefill_attention_ref(q, kc, vc, bt, cu_q, kv),
            2e-2, 2e-2)
     k_new = torch.randn(4096, 8, 128, device="cuda", dtype=torch.bfloat16)
     slots = torch.randperm(kc.shape[0] * 16, device="cuda")[:4096]

@@ -3,6 +3,7 @@ import importlib
 
 import pytest
 import torch
+from _fixtures import close
 
 mod = importlib.import_module("tinyserve.ops.prefill_attention")  # the module, not the function
 TOLS = [(torch.float32, 1e-5, 1e-5), (torch.float16, 2e-3, 2e-3)]
@@ -31,13 +32,6 @@ def _run(q, k, v, q_pos, kv):
     return out
 
 
-def _close(name, got, want, atol, rtol):
-    err = (got.float() - want.float()).abs()
-    at = [int(i) for i in torch.unravel_index(err.argmax(), err.shape)] if err.numel() else []
-    print(f"{name}: worst |diff| {err.max().item() if err.numel() else 0:.3g} at {at}")
-    assert not got.isnan().any(), f"{name}: NaN in the output (an element left unwritten?)"
-    torch.testing.assert_close(got, want, atol=atol, rtol=rtol)
-
 
 @pytest.mark.parametrize("G", [1, 3, 4])
 @pytest.mark.parametrize("prefix", [0, 21])
@@ -46,14 +40,14 @@ def test_matches_ref_fp16(T, prefix, G):
     # Two rows at different lengths: the second has 3 fewer cached tokens.
     q, k, v, q_pos, kv = _case(T, [prefix, max(prefix - 3, 0)], [T, T], Hq=2 * G, Hkv=2,
                                dtype=torch.float16, seed=T + G)
-    _close(f"T={T} prefix={prefix} G={G}", _run(q, k, v, q_pos, kv),
+    close(f"T={T} prefix={prefix} G={G}", _run(q, k, v, q_pos, kv),
            mod.prefill_attention_ref(q, k, v, q_pos, kv), *TOLS[1][1:])
 
 
 @pytest.mark.parametrize("T,prefix,G", [(7, 0, 1), (33, 21, 4), (100, 5, 3)])
 def test_matches_ref_fp32(T, prefix, G):
     q, k, v, q_pos, kv = _case(T, [prefix], [T], Hq=G, Hkv=1)
-    _close(f"T={T} prefix={prefix} G={G} fp32", _run(q, k, v, q_pos, kv),
+    close(f"T={T} prefix={prefix} G={G} fp32", _run(q, k, v, q_pos, kv),
            mod.prefill_attention_ref(q, k, v, q_pos, kv), *TOLS[0][1:])
 
 
@@ -64,7 +58,7 @@ def test_right_padded_rows(dtype, atol, rtol):
     # Padding queries (q_pos >= kv_len) see the row's kv_len keys, as in the reference.
     q, k, v, q_pos, kv = _case(20, [0, 5, 0, 40], [20, 6, 0, 1], Hq=6, Hkv=2, dtype=dtype)
     out = _run(q, k, v, q_pos, kv)
-    _close(f"padded {dtype}", out, mod.prefill_attention_ref(q, k, v, q_pos, kv), atol, rtol)
+    close(f"padded {dtype}", out, mod.prefill_attention_ref(q, k, v, q_pos, kv), atol, rtol)
     assert (out[2] == 0).all()
 
 
@@ -75,14 +69,14 @@ def test_query_without_visible_key_next_to_ones_with_keys():
     q_pos = q_pos.clone()
     q_pos[:, :2] = -1
     out = _run(q, k, v, q_pos, kv)
-    _close("q_pos -1", out, mod.prefill_attention_ref(q, k, v, q_pos, kv), *TOLS[0][1:])
+    close("q_pos -1", out, mod.prefill_attention_ref(q, k, v, q_pos, kv), *TOLS[0][1:])
     assert (out[:, :, :2] == 0).all()
 
 
 def test_head_dim_128_and_contiguous_qkv():
     q, k, v, q_pos, kv = _case(40, [9, 0], [40, 17], Hq=4, Hkv=1, D=128, dtype=torch.float16)
     for args in ((q, k, v), (q.contiguous(), k.contiguous(), v.contiguous())):
-        _close("D=128", _run(*args, q_pos, kv), mod.prefill_attention_ref(*args, q_pos, kv),
+        close("D=128", _run(*args, q_pos, kv), mod.prefill_attention_ref(*args, q_pos, kv),
                *TOLS[1][1:])
 
 
@@ -124,7 +118,7 @@ def test_bench_cases_small_run():
         impls = c.setup()
         want = impls["ref"]()
         for name in ("sdpa", "triton"):
-            _close(f"{c.name} {name}", impls[name]().float(), want.float(), 1e-5, 1e-5)
+            close(f"{c.name} {name}", impls[name]().float(), want.float(), 1e-5, 1e-5)
 
 
 @pytest.mark.gpu
@@ -133,7 +127,7 @@ def test_gpu_bf16_append_to_32k_cache(Hq, Hkv):
     # A 256-token chunk appended to ~32k cached tokens (chunked prefill at long context).
     q, k, v, q_pos, kv = _case(256, [32512, 20000], [256, 100], Hq=Hq, Hkv=Hkv, D=128,
                                dtype=torch.bfloat16, device="cuda")
-    _close(f"32k bf16 {Hq}/{Hkv}", _run(q, k, v, q_pos, kv),
+    close(f"32k bf16 {Hq}/{Hkv}", _run(q, k, v, q_pos, kv),
            mod.prefill_attention_ref(q, k, v, q_pos, kv), 2e-2, 2e-2)
 
 
@@ -142,5 +136,5 @@ def test_gpu_bf16_fresh_prefill_matches_sdpa():
     import torch.nn.functional as F
     q, k, v, q_pos, kv = _case(2048, [0], [2048], Hq=32, Hkv=32, D=128, dtype=torch.bfloat16,
                                device="cuda")
-    _close("T=2048 vs sdpa", _run(q, k, v, q_pos, kv),
+    close("T=2048 vs sdpa", _run(q, k, v, q_pos, kv),
            F.scaled_dot_product_attention(q, k, v, is_causal=True), 2e-2, 2e-2)

@@ -5,17 +5,12 @@ import pytest
 import torch
 
 from tinyserve.ops import rms_norm, rms_norm_ref
+from _fixtures import close
 
 mod = importlib.import_module("tinyserve.ops.rms_norm")   # the module, not the function
 TOLS = [(torch.float32, 1e-5, 1e-5), (torch.float16, 1e-3, 1e-3)]
 SHAPES = [(1, 1), (1, 7), (7, 123), (2, 3, 64), (3, 1823), (2, 8192)]
 
-
-def _close(name, got, want, atol, rtol):
-    err = (got.float() - want.float()).abs()
-    i = int(err.argmax()) if err.numel() else 0
-    print(f"{name}: worst |diff| {err.max().item() if err.numel() else 0:.3g} at flat index {i}")
-    torch.testing.assert_close(got, want, atol=atol, rtol=rtol)
 
 
 def _poisoned(like, dtype=None):
@@ -31,7 +26,7 @@ def test_matches_ref(shape, dtype, atol, rtol):
     out = _poisoned(x)
     y = mod.rms_norm_triton(x, w, 1e-6, out=out)
     assert y is out
-    _close(f"{shape} {dtype}", y, rms_norm_ref(x, w, 1e-6), atol, rtol)
+    close(f"{shape} {dtype}", y, rms_norm_ref(x, w, 1e-6), atol, rtol)
 
 
 @pytest.mark.parametrize("dtype,atol,rtol", TOLS)
@@ -43,8 +38,8 @@ def test_fused_residual_matches_ref(shape, dtype, atol, rtol):
     out, h_out = _poisoned(x), _poisoned(x)
     y, h = mod.rms_norm_triton(x, w, 1e-5, residual=r, out=out, residual_out=h_out)
     y_ref, h_ref = rms_norm_ref(x, w, 1e-5, residual=r)
-    _close("h", h, h_ref, atol, rtol)
-    _close("y", y, y_ref, atol, rtol)
+    close("h", h, h_ref, atol, rtol)
+    close("y", y, y_ref, atol, rtol)
     # The fused path equals the two-step one; the reference's default behaviour is unchanged.
     torch.testing.assert_close(y_ref, rms_norm_ref(x + r, w, 1e-5))
 
@@ -58,9 +53,9 @@ def test_strided_input_and_weight_promotion():
     for inp in (x, xt):
         y = mod.rms_norm_triton(inp, w, 1e-6)
         assert y.dtype == torch.float32
-        _close("strided", y, rms_norm_ref(inp, w, 1e-6), 1e-3, 1e-3)
+        close("strided", y, rms_norm_ref(inp, w, 1e-6), 1e-3, 1e-3)
     rows = base.view(5, 2, 96)[:, 1]                   # row stride 192, unit stride in D: a view
-    _close("row-strided", mod.rms_norm_triton(rows, w, 1e-6), rms_norm_ref(rows, w, 1e-6),
+    close("row-strided", mod.rms_norm_triton(rows, w, 1e-6), rms_norm_ref(rows, w, 1e-6),
            1e-3, 1e-3)
 
 
@@ -81,7 +76,7 @@ def test_dispatch_end_to_end():
     x, r, w = torch.randn(3, 40), torch.randn(3, 40), torch.randn(40)
     for backend in ("ref", "triton", "auto"):
         y, h = rms_norm(x, w, 1e-6, residual=r, backend=backend)
-        _close(backend, y, rms_norm_ref(x + r, w, 1e-6), 1e-5, 1e-5)
+        close(backend, y, rms_norm_ref(x + r, w, 1e-6), 1e-5, 1e-5)
         torch.testing.assert_close(h, x + r)
 
 
@@ -123,4 +118,4 @@ def test_gpu_bf16(rows, D, fused):
                               residual_out=h_out if fused else None)
     want = rms_norm_ref(x, w, 1e-5, residual=r if fused else None)
     for g, wt in zip(*(t if isinstance(t, tuple) else (t,) for t in (res, want))):
-        _close(f"bf16 rows={rows} D={D}", g, wt, 2e-2, 1.6e-2)
+        close(f"bf16 rows={rows} D={D}", g, wt, 2e-2, 1.6e-2)

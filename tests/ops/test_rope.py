@@ -6,6 +6,7 @@ import torch
 
 from tinyserve.ops import apply_rope, apply_rope_ref, rope_cos_sin
 from tinyserve.ops.rope import rope_inv_freq
+from _fixtures import close
 
 mod = importlib.import_module("tinyserve.ops.rope")
 TOLS = [(torch.float32, 1e-5, 1e-5), (torch.float16, 1e-3, 1e-3)]
@@ -14,11 +15,6 @@ TOLS = [(torch.float32, 1e-5, 1e-5), (torch.float16, 1e-3, 1e-3)]
 SHAPES = [(1, 1, 1, 1, 2), (2, 4, 2, 7, 24), (2, 9, 3, 13, 64), (1, 40, 8, 3, 128),
           (1, 20, 4, 2, 256)]
 
-
-def _close(name, got, want, atol, rtol):
-    err = (got.float() - want.float()).abs()
-    print(f"{name}: worst |diff| {err.max().item():.3g} at flat index {int(err.argmax())}")
-    torch.testing.assert_close(got, want, atol=atol, rtol=rtol)
 
 
 def _inputs(B, Hq, Hkv, T, D, dtype, transposed=True, device="cpu", start=0):
@@ -43,8 +39,8 @@ def test_matches_ref(shape, transposed, dtype, atol, rtol):
     got = mod.apply_rope_triton(q, k, cos, sin, out=(qo, ko))
     assert got[0] is qo and got[1] is ko
     want = apply_rope_ref(q, k, cos, sin)
-    _close(f"q {shape}", got[0], want[0], atol, rtol)
-    _close(f"k {shape}", got[1], want[1], atol, rtol)
+    close(f"q {shape}", got[0], want[0], atol, rtol)
+    close(f"k {shape}", got[1], want[1], atol, rtol)
 
 
 def test_layout_and_general_cos_sin():
@@ -55,15 +51,15 @@ def test_layout_and_general_cos_sin():
     qo, ko = mod.apply_rope_triton(q, k, cos, sin)
     assert qo.stride() == q.stride() and ko.stride() == k.stride()
     want = apply_rope_ref(q, k, cos, sin)
-    _close("q", qo, want[0], 1e-5, 1e-5)
-    _close("k", ko, want[1], 1e-5, 1e-5)
+    close("q", qo, want[0], 1e-5, 1e-5)
+    close("k", ko, want[1], 1e-5, 1e-5)
     # a contiguous output for a transposed input, and cos broadcast over the batch (stride 0)
     c1, s1 = cos[:1].expand(2, 5, 32), sin[:1].expand(2, 5, 32)
     outs = (torch.full((2, 4, 5, 32), float("nan")), torch.full((2, 2, 5, 32), float("nan")))
     got = mod.apply_rope_triton(q, k, c1, s1, out=outs)
     want = apply_rope_ref(q, k, c1, s1)
-    _close("q contiguous out", got[0], want[0], 1e-5, 1e-5)
-    _close("k contiguous out", got[1], want[1], 1e-5, 1e-5)
+    close("q contiguous out", got[0], want[0], 1e-5, 1e-5)
+    close("k contiguous out", got[1], want[1], 1e-5, 1e-5)
 
 
 def test_dispatch(monkeypatch):
@@ -71,7 +67,7 @@ def test_dispatch(monkeypatch):
     for backend in ("ref", "triton", "auto"):
         got = apply_rope(q, k, cos, sin, backend=backend)
         want = apply_rope_ref(q, k, cos, sin)
-        _close(backend, got[0], want[0], 1e-5, 1e-5)
+        close(backend, got[0], want[0], 1e-5, 1e-5)
     calls = []
     monkeypatch.setattr(mod, "apply_rope_triton", lambda *a, **kw: calls.append("triton"))
     monkeypatch.setattr(mod, "apply_rope_ref", lambda *a, **kw: calls.append("ref"))
@@ -112,5 +108,5 @@ def test_gpu_bf16(B, T):
     outs = (torch.full_like(q, float("nan")), torch.full_like(k, float("nan")))
     got = mod.apply_rope_triton(q, k, cos, sin, out=outs)
     want = apply_rope_ref(q, k, cos, sin)
-    _close("q bf16", got[0], want[0], 2e-2, 1.6e-2)
-    _close("k bf16", got[1], want[1], 2e-2, 1.6e-2)
+    close("q bf16", got[0], want[0], 2e-2, 1.6e-2)
+    close("k bf16", got[1], want[1], 2e-2, 1.6e-2)

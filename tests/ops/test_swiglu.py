@@ -5,17 +5,13 @@ import pytest
 import torch
 
 from tinyserve.ops import swiglu, swiglu_ref
+from _fixtures import close
 
 mod = importlib.import_module("tinyserve.ops.swiglu")
 TOLS = [(torch.float32, 1e-5, 1e-5), (torch.float16, 1e-3, 1e-3)]
 # 1025 and 2049 straddle the 1024-element block; 1823 is an odd tail.
 SHAPES = [(1,), (7,), (3, 123), (2, 1025), (2, 3, 1823), (1, 2049)]
 
-
-def _close(name, got, want, atol, rtol):
-    err = (got.float() - want.float()).abs()
-    print(f"{name}: worst |diff| {err.max().item():.3g} at flat index {int(err.argmax())}")
-    torch.testing.assert_close(got, want, atol=atol, rtol=rtol)
 
 
 @pytest.mark.parametrize("dtype,atol,rtol", TOLS)
@@ -26,7 +22,7 @@ def test_matches_ref(shape, dtype, atol, rtol):
     out = torch.full(shape, float("nan"), dtype=dtype)
     y = mod.swiglu_triton(g, u, out=out)
     assert y is out
-    _close(f"{shape} {dtype}", y, swiglu_ref(g, u), atol, rtol)
+    close(f"{shape} {dtype}", y, swiglu_ref(g, u), atol, rtol)
 
 
 @pytest.mark.filterwarnings("ignore:overflow encountered")   # numpy, under the interpreter
@@ -38,7 +34,7 @@ def test_extreme_gates(dtype, atol, rtol):
     u = torch.linspace(-2, 2, g.numel(), dtype=dtype)
     y = mod.swiglu_triton(g, u)
     assert torch.isfinite(y).all()
-    _close(f"extreme {dtype}", y, swiglu_ref(g, u), atol, rtol)
+    close(f"extreme {dtype}", y, swiglu_ref(g, u), atol, rtol)
 
 
 def test_halves_of_fused_projection():
@@ -46,15 +42,15 @@ def test_halves_of_fused_projection():
     torch.manual_seed(1)
     gu = torch.randn(3, 4, 2 * 300)
     g, u = gu[..., :300], gu[..., 300:]
-    _close("halves", mod.swiglu_triton(g, u), swiglu_ref(g, u), 1e-5, 1e-5)
+    close("halves", mod.swiglu_triton(g, u), swiglu_ref(g, u), 1e-5, 1e-5)
     gt = torch.randn(50, 6).t()                 # non-unit stride along F: copied first
-    _close("transposed", mod.swiglu_triton(gt, gt), swiglu_ref(gt, gt), 1e-5, 1e-5)
+    close("transposed", mod.swiglu_triton(gt, gt), swiglu_ref(gt, gt), 1e-5, 1e-5)
 
 
 def test_dispatch(monkeypatch):
     g, u = torch.randn(2, 16), torch.randn(2, 16)
     for backend in ("ref", "triton", "auto"):
-        _close(backend, swiglu(g, u, backend=backend), swiglu_ref(g, u), 1e-5, 1e-5)
+        close(backend, swiglu(g, u, backend=backend), swiglu_ref(g, u), 1e-5, 1e-5)
     calls = []
     monkeypatch.setattr(mod, "swiglu_triton", lambda *a, **kw: calls.append("triton"))
     monkeypatch.setattr(mod, "swiglu_ref", lambda *a, **kw: calls.append("ref"))
@@ -92,4 +88,4 @@ def test_gpu_bf16(rows):
     g = torch.randn(rows, 11008, device="cuda", dtype=torch.bfloat16) * 4
     u = torch.randn(rows, 11008, device="cuda", dtype=torch.bfloat16)
     out = torch.full_like(g, float("nan"))
-    _close(f"bf16 rows={rows}", mod.swiglu_triton(g, u, out=out), swiglu_ref(g, u), 2e-2, 1.6e-2)
+    close(f"bf16 rows={rows}", mod.swiglu_triton(g, u, out=out), swiglu_ref(g, u), 2e-2, 1.6e-2)

@@ -62,6 +62,18 @@ class ScheduledChunk:
         return self.seq.num_computed + self.num_tokens == self.seq.num_tokens
 
 
+def check_budgets(max_num_seqs: int, max_num_batched_tokens: int,
+                  seqs_name: str = "max_num_seqs"):
+    """What a schedule needs of its two budgets (``seqs_name``: what the caller calls the
+    sequence limit, e.g. LLM's ``max_batch_size``, so the error names the caller's argument)."""
+    if max_num_seqs < 1:
+        raise ValueError(f"{seqs_name} must be >= 1, got {max_num_seqs}")
+    if max_num_batched_tokens < max_num_seqs:
+        raise ValueError(f"max_num_batched_tokens ({max_num_batched_tokens}) must be >= "
+                         f"{seqs_name} ({max_num_seqs}): every running sequence decodes "
+                         f"one token per step")
+
+
 def wait_bound_steps(tokens_ahead: int, max_num_batched_tokens: int, decodes: int) -> int:
     """The no-starvation bound of the module docstring (a free slot assumed)."""
     return tokens_ahead // (max_num_batched_tokens - decodes) + 1
@@ -69,12 +81,7 @@ def wait_bound_steps(tokens_ahead: int, max_num_batched_tokens: int, decodes: in
 
 class Scheduler:
     def __init__(self, kv, max_num_seqs: int, max_num_batched_tokens: int):
-        if max_num_seqs < 1:
-            raise ValueError(f"max_num_seqs must be >= 1, got {max_num_seqs}")
-        if max_num_batched_tokens < max_num_seqs:
-            raise ValueError(f"max_num_batched_tokens ({max_num_batched_tokens}) must be >= "
-                             f"max_num_seqs ({max_num_seqs}): every running sequence decodes "
-                             f"one token per step")
+        check_budgets(max_num_seqs, max_num_batched_tokens)
         self.kv = kv
         self.max_num_seqs, self.max_num_batched_tokens = max_num_seqs, max_num_batched_tokens
         self.waiting: deque[Sequence] = deque()
