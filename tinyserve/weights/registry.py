@@ -345,6 +345,10 @@ def _stream_subprocess(cmd: Sequence[str], out=None) -> tuple[int, list[str]]:
     out = sys.stderr if out is None else out
     env = dict(os.environ)
     env.setdefault("PIP_NO_INPUT", "1")
+    # pip is a Python process: without this its stdout is block-buffered into our pipe while its
+    # stderr is not, so the error lines arrive before the output that preceded them and fall out
+    # of the tail we quote. Unbuffered, the merged stream keeps pip's own order.
+    env["PYTHONUNBUFFERED"] = "1"
     isatty = getattr(out, "isatty", None)
     if isatty is not None and isatty():
         # Output goes through a pipe; let pip (rich) still draw its live progress bar.
