@@ -1,6 +1,7 @@
 # Two entry points, both self-contained on a fresh machine:
 #   make lab   - install everything, start JupyterLab on notebooks/
 #   make test  - install everything, fetch SmolLM2 once, run unit tests + kernels + notebooks
+#   make figures - redraw figures/ from benchmarks/results/*.json (measures nothing)
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
@@ -9,7 +10,7 @@ BIN    := $(VENV)/bin
 CPU_TORCH ?= 2.13.0
 STAMP  := $(VENV)/.installed
 
-.PHONY: install lab test model clean
+.PHONY: install lab test model figures clean
 
 install: $(STAMP)
 
@@ -33,6 +34,10 @@ lab: model
 
 test: model
 	$(BIN)/python -m pytest --nbval-lax -p no:cacheprovider tests notebooks
+
+# deterministic: an unchanged result redraws to the same PNG bytes (tests/test_figures.py)
+figures: $(STAMP)
+	$(BIN)/python -m tinyserve.bench figures
 
 clean:
 	rm -rf $(VENV)

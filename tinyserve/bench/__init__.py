@@ -20,6 +20,7 @@ Suites:
     paged      paged KV store vs contiguous slots: waste, sequences per KV budget, prefix cache
     all        roofline + ops + decode (+ generate), one result file each
     plot       redraw the figures of result files (``plot benchmarks/results/<file>.json``)
+    figures    redraw every committed result into figures/ (``make figures``)
 """
 
 # sub-command -> module (imported only when that suite runs, so --help stays instant)
@@ -34,4 +35,5 @@ SUITES = {
     "speculative": "tinyserve.bench.speculative",
     "all": "tinyserve.bench.all",
     "plot": "tinyserve.bench.plots",
+    "figures": "tinyserve.bench.figures",
 }

@@ -1,18 +1,29 @@
 """Figures drawn from result dicts, so a committed JSON can be redrawn on any machine.
 
-    python -m tinyserve.bench plot benchmarks/results/nvidia-h100-80gb-hbm3-ops.json [--out figures]
+    python -m tinyserve.bench plot benchmarks/results/<machine>-<suite>.json [--out figures]
+    python -m tinyserve.bench figures      # every committed result -> figures/ (figures.py)
 
-    ops      one figure per op: fraction of the measured copy bandwidth, per case and impl
-    decode   one figure: decode tokens/s as a fraction of the bandwidth ceiling, per model and
-             batch, for ours (with and without CUDA graph) and HF transformers
-    serving  throughput per system, and latency p50/p99 against the arrival rate
-    all      the figures of each suite result it embeds
-Figures are written as ``<dir>/<machine>-<suite>[-<op>].png``. ``--out`` (default figures/)
-also receives ``<machine>-plot.json``: which figures were drawn from which result files.
+One plotter per suite (``PLOTTERS``); a suite without one is an error, never a silent skip:
+    ops            one figure per op: fraction of the measured copy bandwidth, per case and impl
+    decode         decode tokens/s as a fraction of the bandwidth ceiling, per model and batch,
+                   for ours (with and without CUDA graph) and HF transformers
+    serving        (drawn by serving.plot) throughput per system, latency against arrival rate
+    generate       batch-1 decode tokens/s and time to first token, tinyserve vs HF transformers
+    speculative    speedup against K per draft and task: measured (CPU mode) or predicted from
+                   GPU step times and the CPU's tokens per step (GPU mode)
+    paged          sequences holding KV and KV tokens reserved/used over time, slots vs paged;
+                   time to first token with and without the prefix cache
+    quant          quantized decode: % of the bandwidth ceiling and model size per format
+    quant-quality  perplexity, agreement with the reference and size per quantization method
+Figures are written as ``<dir>/<machine>-<suite>[-<op>].png``, drawn the same way every time
+(``style`` and ``save``: matplotlib's default style, DejaVu Sans, fixed size and dpi, no
+version or date written into the PNG), so redrawing an unchanged result gives the same bytes.
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import textwrap
 from pathlib import Path
 
 NAME = "plot"
@@ -24,6 +35,11 @@ def add_arguments(p) -> None:
     p.set_defaults(out="figures")   # for this command --out is the figures directory
 
 
+DPI = 120
+# matplotlib's bundled font, so the same text renders the same on every machine
+STYLE = {"font.family": "DejaVu Sans", "font.sans-serif": ["DejaVu Sans"]}
+
+
 def _pyplot():
     import matplotlib
     matplotlib.use("Agg")   # files only: works on headless machines and in tests
@@ -31,11 +47,46 @@ def _pyplot():
     return plt
 
 
+@contextlib.contextmanager
+def style():
+    """matplotlib's default style plus ``STYLE``, whatever the user's matplotlibrc says."""
+    import matplotlib
+    import matplotlib.style
+    with matplotlib.style.context("default"), matplotlib.rc_context(STYLE):
+        yield
+
+
+def save(fig, path) -> Path:
+    """Write ``fig`` as a PNG that depends only on what was drawn: matplotlib writes its version
+    into the file unless told not to ("Software"); the Agg PNG carries no date."""
+    fig.savefig(path, dpi=DPI, metadata={"Software": None})
+    _pyplot().close(fig)
+    return Path(path)
+
+
 def _subtitle(result: dict) -> str:
+    """The machine (card, or CPU and threads), the versions and the date of a result."""
     env = result.get("env", {})
     v = env.get("versions", {})
-    return (f"{env.get('gpu') or env.get('cpu', '?')} | torch {v.get('torch')} triton "
+    if env.get("gpu"):
+        where = f"{env['gpu']}"
+    else:
+        where = (f"{env.get('cpu', '?')} CPU, {env.get('cpu_count', '?')} cores, "
+                 f"{env.get('torch_threads', '?')} torch thread(s)")
+    return (f"{env.get('machine', '?')}: {where} | torch {v.get('torch')} triton "
             f"{v.get('triton')} | {str(env.get('date', ''))[:10]}")
+
+
+def _dir(fig_dir) -> Path:
+    fig_dir = Path(fig_dir)
+    fig_dir.mkdir(parents=True, exist_ok=True)
+    return fig_dir
+
+
+def _path(result: dict, fig_dir, part: str = "") -> Path:
+    """``<dir>/<machine>-<suite>[-<part>].png``: named after the result file it is drawn from."""
+    name = f"{result['env']['machine']}-{result['suite']}" + (f"-{part}" if part else "")
+    return _dir(fig_dir) / f"{name}.png"
 
 
 def _bars(ax, groups: list[str], series: dict[str, list], ylabel: str, labels=None):
@@ -66,9 +117,6 @@ def _bars(ax, groups: list[str], series: dict[str, list], ylabel: str, labels=No
 
 def plot_ops(result: dict, fig_dir) -> list[Path]:
     plt = _pyplot()
-    fig_dir = Path(fig_dir)
-    fig_dir.mkdir(parents=True, exist_ok=True)
-    machine = result["env"]["machine"]
     by_op: dict[str, list] = {}
     for c in result["cases"]:
         by_op.setdefault(c["op"], []).append(c)
@@ -89,21 +137,16 @@ def plot_ops(result: dict, fig_dir) -> list[Path]:
         ax.set_title(f"{op}: bytes moved / time, vs copy {bw:.0f} GB/s\n{_subtitle(result)}",
                      fontsize=9)
         fig.tight_layout()
-        path = fig_dir / f"{machine}-ops-{op}.png"
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
-        paths.append(path)
+        paths.append(save(fig, _path(result, fig_dir, op)))
     return paths
 
 
 DECODE_SERIES = (("ours_graph", "tinyserve + CUDA graph"), ("ours", "tinyserve"),
-                 ("hf", "HF transformers"))
+                 ("hf", "HF transformers (same run)"))
 
 
 def plot_decode(result: dict, fig_dir) -> list[Path]:
     plt = _pyplot()
-    fig_dir = Path(fig_dir)
-    fig_dir.mkdir(parents=True, exist_ok=True)
     runs = result["runs"]
     groups = [f"{r['model']} B={r['batch']}" for r in runs]
     series, labels = {}, {}
@@ -121,41 +164,289 @@ def plot_decode(result: dict, fig_dir) -> list[Path]:
     ax.set_title(f"decode: tokens/s vs weights+KV bytes per step at copy bandwidth\n"
                  f"{_subtitle(result)}", fontsize=9)
     fig.tight_layout()
-    path = fig_dir / f"{result['env']['machine']}-decode.png"
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return [path]
+    return [save(fig, _path(result, fig_dir))]
+
+
+def _annotate(ax, bars, texts, fontsize=7, rotation=0):
+    for b, t in zip(bars, texts):
+        ax.annotate(t, (b.get_x() + b.get_width() / 2, b.get_height()), ha="center",
+                    va="bottom", fontsize=fontsize, rotation=rotation)
+
+
+def plot_generate(result: dict, fig_dir) -> list[Path]:
+    """Median decode tokens/s and time to first token, whiskers min..max over the repeats."""
+    plt = _pyplot()
+    c, res = result["config"], result["results"]
+    sides = [(k, label) for k, label in (("tinyserve", "tinyserve"),
+                                         ("transformers", "HF transformers\n(same run)"))
+             if k in res]
+    fig, axes = plt.subplots(1, 2, figsize=(9, 4.2))
+    for ax, key, scale, ylabel, fmt in (
+            (axes[0], "decode_tok_s", 1.0, "decode tokens / s (after the first token)", ".1f"),
+            (axes[1], "ttft_s", 1e3, "time to first token (ms, prefill)", ".1f")):
+        med = [scale * res[k][key]["median"] for k, _ in sides]
+        err = [[m - scale * res[k][key]["min"] for m, (k, _) in zip(med, sides)],
+               [scale * res[k][key]["max"] - m for m, (k, _) in zip(med, sides)]]
+        bars = ax.bar([label for _, label in sides], med, yerr=err, capsize=4,
+                      color=["C0", "C2"][:len(sides)])
+        for b, m in zip(bars, med):   # inside the bar: the whiskers sit on its top
+            ax.annotate(format(m, fmt), (b.get_x() + b.get_width() / 2, m / 2), ha="center",
+                        va="center", fontsize=10, color="white")
+        ax.set_ylabel(ylabel)
+        ax.set_ylim(0, 1.2 * max(med + [1e-9]))
+    agree = result.get("greedy_agreement", {})
+    fig.suptitle(f"generate: {c['model']} batch {c['batch_size']}, {c['decoding']}, "
+                 f"{c['prompt_tokens']}-token prompt + {c['max_tokens']} new tokens, "
+                 f"{c['dtype']} on {c['device']}\nmedian of {c['repeats']} runs (whiskers: min"
+                 f"..max); same greedy tokens: {agree.get('common_prefix')}/{agree.get('of')}"
+                 f"\n{_subtitle(result)}", fontsize=9)
+    fig.tight_layout()
+    return [save(fig, _path(result, fig_dir))]
+
+
+def _timeline(series: list) -> tuple[list, list]:
+    """Samples ``[seconds, ...]`` -> (start of each forward, the samples): a sample is taken
+    before its forward and holds until the next one."""
+    t, starts = 0.0, []
+    for row in series:
+        starts.append(t)
+        t += row[0]
+    return starts, series
+
+
+def plot_paged(result: dict, fig_dir) -> list[Path]:
+    plt = _pyplot()
+    c, res, series = result["config"], result["results"], result["series"]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 5.2))
+    for s, color, label in (("slots", "C1", "contiguous slots"), ("paged", "C0", "paged blocks")):
+        if s not in series:
+            continue
+        t, rows = _timeline(series[s])
+        axes[0].step(t, [r[1] for r in rows], where="post", color=color,
+                     label=f"{label}: max {res[s]['max_seqs']}, mean {res[s]['mean_seqs']:.1f}")
+        axes[1].step(t, [r[2] for r in rows], where="post", color=color,
+                     label=f"{label}: reserved ({100 * res[s]['waste_time_avg']:.1f}% of it "
+                           f"unused, time-averaged)")
+        axes[1].step(t, [r[3] for r in rows], where="post", color=color, ls=":",
+                     label=f"{label}: used by tokens")
+    axes[0].set_ylabel("sequences holding KV")
+    axes[1].set_ylabel("KV cache tokens")
+    axes[1].axhline(c["kv_budget_tokens"], color="gray", ls="--", lw=0.8, label="KV budget")
+    for ax in axes[:2]:
+        ax.set_xlabel("time inside forward passes (s, cumulative)")
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.16))
+    axes[0].set_title(f"{c['num_requests']} requests at once", fontsize=9)
+    axes[1].set_title("KV tokens reserved vs used", fontsize=9)
+    p = result["prefix_caching"]
+    keys = [("cache_off", "prefix cache off"), ("cache_on", "prefix cache on")]
+    for j, (q, shift) in enumerate((("p50", -0.2), ("p99", 0.2))):
+        bars = axes[2].bar([i + shift for i in range(len(keys))],
+                           [p[k]["ttft_s"][q] for k, _ in keys], 0.4, color=f"C{j + 2}",
+                           label=f"TTFT {q}")
+        _annotate(axes[2], bars, [f"{p[k]['ttft_s'][q]:.2f}" for k, _ in keys])
+    axes[2].set_xticks(range(len(keys)))
+    axes[2].set_xticklabels([f"{label}\n{p[k]['output_tok_s']:.1f} out tok/s, "
+                             f"{p[k]['cached_prompt_tokens']} cached tok" for k, label in keys],
+                            fontsize=8)
+    axes[2].set_ylabel("time to first token (s)")
+    axes[2].legend(fontsize=7)
+    pc = c["prefix"]
+    axes[2].set_title(f"{pc['requests']} requests sharing a {pc['system_len']}-token system "
+                      f"prompt (paged)", fontsize=9)
+    same = result.get("same_tokens", {})
+    fig.suptitle(f"paged KV: {c['model']} {c['dtype']} on {c['device']}, KV budget "
+                 f"{c['kv_budget_tokens']} tokens ({c['budget_seqs']} x max_model_len "
+                 f"{c['max_model_len']}), blocks of {c['block_size']}; both stores measured in "
+                 f"the same run, same greedy tokens {same.get('same')}/{same.get('of')}\n"
+                 f"{_subtitle(result)}", fontsize=9)
+    fig.tight_layout()
+    return [save(fig, _path(result, fig_dir))]
+
+
+def _speedup_lines(ax, rows, drafts, solid: str, dotted: str):
+    """One colour per draft: ``rows[solid]`` against K solid, ``rows[dotted]`` dotted."""
+    for j, d in enumerate(drafts):
+        rs = sorted((r for r in rows if r["draft"] == d), key=lambda r: r["k"])
+        label = d                      # on the first line drawn (no CUDA graph: no solid line)
+        for key, ls in ((solid, "-"), (dotted, ":")):
+            pts = [(r["k"], r.get(key)) for r in rs if r.get(key) is not None]
+            if pts:
+                ax.plot(*zip(*pts), ls=ls, marker="o" if ls == "-" else ".", color=f"C{j}",
+                        label=label)
+                label = None
+    ax.axhline(1.0, color="gray", ls="--", lw=0.8)
+    ax.set_xticks(sorted({r["k"] for r in rows}))      # K is an integer: only the ones run
+    ax.set_xlabel("draft tokens per round K")
+
+
+def plot_speculative(result: dict, fig_dir) -> list[Path]:
+    plt = _pyplot()
+    from matplotlib.lines import Line2D
+    gpu = result.get("mode") == "gpu"
+    rows = result["predicted"] if gpu else result["runs"]
+    tasks = list(dict.fromkeys(r["task"] for r in rows))
+    models = list(dict.fromkeys(r["model"] for r in rows)) if gpu else [None]
+    drafts = list(dict.fromkeys(r["draft"] for r in rows))
+    fig, axes = plt.subplots(len(models), max(1, len(tasks)), squeeze=False, sharey=True,
+                             figsize=(4.2 * max(1, len(tasks)) + 1, 3.4 * len(models) + 0.9))
+    solid, dotted = (("predicted_speedup_graph", "predicted_speedup_eager") if gpu
+                     else ("speedup", "predicted_speedup"))
+    for i, m in enumerate(models):
+        for j, task in enumerate(tasks):
+            ax = axes[i][j]
+            _speedup_lines(ax, [r for r in rows if r["task"] == task and r.get("model") == m],
+                           drafts, solid, dotted)
+            ax.set_title(f"{m}: {task}" if gpu else f"task: {task}", fontsize=9)
+        axes[i][0].set_ylabel("predicted speedup (x)" if gpu else
+                              "speedup over plain decode (x)")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    handles.append(Line2D([], [], color="k", ls=":", marker="."))
+    labels.append("eager (no CUDA graph)" if gpu else "predicted from alpha and step costs")
+    axes[0][-1].legend(handles, labels, fontsize=7)
+    c = result["config"]
+    if gpu:
+        env = result["env"]
+        head = (f"speculative on {env.get('gpu') or env.get('device')}: PREDICTED, not measured "
+                f"end to end (solid: CUDA graph): tokens per step from "
+                f"{result['alpha_source'].get('file')}, target/verify/draft times measured "
+                f"here, random weights, {c['dtype']}")
+    else:
+        same = sum(bool(r["identical"]) for r in rows)
+        head = (f"speculative: {c['model']} {c['dtype']} on {c['device']}, {c['decoding']}, "
+                f"{c['max_tokens']} new tokens per prompt, {len(c['tasks'][tasks[0]])} prompts "
+                f"per task; plain decode measured in the same run (dashed line = 1x); output "
+                f"identical to plain decode in {same}/{len(rows)} runs")
+    fig.suptitle(f"{textwrap.fill(head, 190)}\n{_subtitle(result)}", fontsize=9)
+    fig.tight_layout()
+    return [save(fig, _path(result, fig_dir))]
+
+
+def plot_quant(result: dict, fig_dir) -> list[Path]:
+    """Quantized decode (bench quant): % of the bandwidth ceiling per format and batch, and size."""
+    plt = _pyplot()
+    c, runs = result["config"], result["runs"]
+    formats = list(dict.fromkeys(r["format"] for r in runs))
+    batches = list(dict.fromkeys(r["batch"] for r in runs))
+    by = {(r["format"], r["batch"]): r for r in runs}
+    series, labels = {}, {}
+    for B in batches:
+        rs = [by.get((f, B), {}) for f in formats]
+        series[f"batch {B}"] = [100 * r["frac_ceiling"] if "frac_ceiling" in r else None
+                                for r in rs]
+        labels[f"batch {B}"] = [f"{r['decode_tok_s']:.0f} tok/s" if "decode_tok_s" in r
+                                else None for r in rs]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5), gridspec_kw={"width_ratios": [2, 1]})
+    _bars(axes[0], formats, series, "% of bandwidth ceiling (tokens/s)", labels)
+    sizes = [next((r["model_bytes"] for r in runs if r["format"] == f and "model_bytes" in r),
+                  0) / 2**20 for f in formats]
+    bars = axes[1].bar(formats, sizes, color="C7")
+    _annotate(axes[1], bars, [f"{x:.4g}" for x in sizes])
+    axes[1].set_ylabel("model size (MiB)")
+    axes[1].tick_params(axis="x", labelrotation=30, labelsize=7)
+    fig.suptitle(f"quantized decode: {c['model']} random weights, {c['dtype']}, prompt "
+                 f"{c['prompt_len']} + {c['new_tokens']} new tokens, "
+                 f"{'CUDA graph' if c['cuda_graph'] else 'eager'}; ceiling = weights+KV bytes "
+                 f"per step at the measured copy bandwidth\n{_subtitle(result)}", fontsize=9)
+    fig.tight_layout()
+    return [save(fig, _path(result, fig_dir))]
+
+
+def plot_quant_quality(result: dict, fig_dir) -> list[Path]:
+    """python -m tinyserve.quant.eval: perplexity, greedy agreement and size per method."""
+    plt = _pyplot()
+    c, rows = result["config"], result["rows"]
+    names = [f"{r['method']} ({r['bits_per_weight']:.2f} b/w)" for r in rows]
+    ys = list(range(len(rows)))[::-1]          # the first row on top
+    fig, axes = plt.subplots(1, 3, figsize=(14, 0.4 * len(rows) + 2.8), sharey=True)
+    ppl = [r["perplexity"]["ppl"] for r in rows]
+    bars = axes[0].barh(ys, ppl, color="C0")
+    for b, v in zip(bars, ppl):
+        axes[0].annotate(f" {v:.2f}", (b.get_width(), b.get_y() + b.get_height() / 2),
+                         va="center", fontsize=7)
+    ref = next((r["perplexity"]["ppl"] for r in rows if r["method"] == "none"), None)
+    if ref is not None:
+        axes[0].axvline(ref, color="gray", ls="--", lw=0.8, label="reference (none)")
+        axes[0].legend(fontsize=7, loc="lower right")
+    axes[0].set_xlim(0, max(ppl) * 1.15)
+    axes[0].set_xlabel("perplexity (lower is better)")
+    axes[0].set_title(f"{rows[0]['perplexity']['tokens']} held-out tokens, window "
+                      f"{c['window']}", fontsize=9)
+    axes[0].set_yticks(ys)
+    axes[0].set_yticklabels(names, fontsize=8)
+    for j, (key, label) in enumerate((("top1", "next token = reference's"),
+                                      ("tokens", "greedy tokens = reference's"))):
+        vals = [100 * r["agreement"][key] if "agreement" in r else 0 for r in rows]
+        if j == 0:
+            for y, r in zip(ys, rows):
+                if "agreement" not in r:
+                    axes[1].annotate(" (the reference)", (0, y), va="center", fontsize=7)
+        axes[1].barh([y + (0.2 if j == 0 else -0.2) for y in ys], vals, 0.4, color=f"C{j + 1}",
+                     label=label)
+    axes[1].set_xlim(0, 100)
+    axes[1].set_xlabel("% agreement with the reference")
+    axes[1].set_title(f"{c['prompts']} prompts x {c['new_tokens']} greedy tokens", fontsize=9)
+    axes[1].legend(fontsize=7, loc="lower right")
+    mib = [r["model_bytes"] / 2**20 for r in rows]
+    bars = axes[2].barh(ys, mib, color="C7")
+    for b, v in zip(bars, mib):
+        axes[2].annotate(f" {v:.0f}", (b.get_width(), b.get_y() + b.get_height() / 2),
+                         va="center", fontsize=7)
+    axes[2].set_xlim(0, max(mib) * 1.15)
+    axes[2].set_xlabel("model size in memory (MiB)")
+    axes[2].set_title("b/w: stored bits per linear weight", fontsize=9)
+    note = textwrap.fill(result.get("note", ""), 170)   # what the reference is, from the file
+    fig.suptitle(f"quantization quality: {result.get('model')} on {result['env']['device']}\n"
+                 f"{note}\n{_subtitle(result)}", fontsize=9)
+    fig.tight_layout()
+    return [save(fig, _path(result, fig_dir))]
+
+
+def _plot_serving(result: dict, fig_dir) -> list[Path]:
+    from .serving import plot           # drawn where the suite lives
+    return plot(result, fig_dir)
+
+
+# suite -> plotter(result, fig_dir) -> [paths]
+PLOTTERS = {"ops": plot_ops, "decode": plot_decode, "serving": _plot_serving,
+            "generate": plot_generate, "speculative": plot_speculative, "paged": plot_paged,
+            "quant": plot_quant, "quant-quality": plot_quant_quality}
 
 
 def plot_result(result: dict, fig_dir) -> list[Path]:
+    """Draw a result's figures into ``fig_dir``; a suite without a plotter is an error."""
     suite = result.get("suite")
-    if suite == "ops":
-        return plot_ops(result, fig_dir)
-    if suite == "decode":
-        return plot_decode(result, fig_dir)
-    if suite == "serving":
-        from .serving import plot
-        return plot(result, fig_dir)
     if suite == "all":
-        return [p for sub in result.get("results", {}).values()
-                if isinstance(sub, dict) and sub.get("suite") in ("ops", "decode")
-                for p in plot_result(sub, fig_dir)]
-    return []
+        raise ValueError("an 'all' result only lists the result files its parts wrote "
+                         f"({', '.join(result.get('files', {}).values()) or 'none'}): plot those")
+    if suite not in PLOTTERS:
+        raise ValueError(f"no plotter for suite {suite!r} (plotted: {', '.join(PLOTTERS)}): "
+                         f"add one to tinyserve/bench/plots.py")
+    with style():
+        paths = PLOTTERS[suite](result, fig_dir)
+    if not paths:
+        raise ValueError(f"suite {suite!r}: its plotter drew nothing")
+    return paths
+
+
+def load_result(path) -> dict:
+    """A result file's dict, or a ValueError saying why it is not one."""
+    try:
+        result = json.loads(Path(path).read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not a JSON result file: {e}") from None
+    if not isinstance(result, dict) or "suite" not in result or "env" not in result:
+        raise ValueError(f"{path}: not a tinyserve.bench result (no 'suite'/'env')")
+    return result
 
 
 def run(args) -> dict:
     """Redraw figures from result files; returns None (there is no new result to save)."""
     for f in args.files:
+        result = load_result(f)
         try:
-            result = json.loads(Path(f).read_text())
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{f}: not a JSON result file: {e}") from None
-        if not isinstance(result, dict) or "suite" not in result or "env" not in result:
-            raise ValueError(f"{f}: not a tinyserve.bench result (no 'suite'/'env')")
-        paths = plot_result(result, args.out)
-        if not paths:
-            raise ValueError(f"{f}: suite {result['suite']!r} has no figures "
-                             f"(plotted: ops, decode, serving, all)")
+            paths = plot_result(result, args.out)
+        except ValueError as e:
+            raise ValueError(f"{f}: {e}") from None
         for p in paths:
             print(p)
     return None

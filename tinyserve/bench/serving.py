@@ -330,7 +330,7 @@ def plot(result: dict, fig_dir) -> list:
     """Throughput bars per system, and TTFT / end-to-end latency (p50, p99) vs arrival rate."""
     from pathlib import Path
 
-    from .plots import _pyplot, _subtitle
+    from .plots import _pyplot, _subtitle, save
     plt = _pyplot()
     fig_dir = Path(fig_dir)
     fig_dir.mkdir(parents=True, exist_ok=True)
@@ -357,9 +357,9 @@ def plot(result: dict, fig_dir) -> list:
         ax.set_ylabel(label)
         ax.set_yscale("log")
         ax.legend(fontsize=7)
-    fig.suptitle(f"serving {result['config']['model']}: {_subtitle(result)}", fontsize=9)
+    c = result["config"]
+    fig.suptitle(f"serving {c['model']} {c['dtype']} on {c['device']}, batch up to "
+                 f"{c['max_batch']}: every system measured in the same run\n{_subtitle(result)}",
+                 fontsize=9)
     fig.tight_layout()
-    path = fig_dir / f"{result['env']['machine']}-serving.png"
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return [path]
+    return [save(fig, fig_dir / f"{result['env']['machine']}-serving.png")]
