@@ -135,7 +135,11 @@ def test_decode_suite_same_weights_as_hf(tmp_path, capsys):
     assert [(r["model"], r["batch"]) for r in runs] == [("tiny", 1), ("tiny", 2),
                                                         ("tiny-mha", 1), ("tiny-mha", 2)]
     for r in runs:
-        assert r["bytes_per_step"] == r["weight_bytes"] + r["kv_bytes_per_step"] > 0
+        # a step reads the multiplied weights (never more than all of them) and the KV cache
+        assert r["bytes_per_step"] == r["step_weight_bytes"] + r["kv_bytes_per_step"] > 0
+        assert 0 < r["step_weight_bytes"] <= r["weight_bytes"]
+        bw = data["roofline"]["copy_bandwidth_Bps"]
+        assert r["ceiling_tok_s"] == pytest.approx(r["batch"] * bw / r["bytes_per_step"])
         ours, hf = r["ours"], r["hf"]
         assert "error" not in ours and "error" not in hf, (ours, hf)
         # recorded and consistent; how fast is the benchmark's business, not a test's

@@ -1,7 +1,8 @@
 """Back-of-the-envelope performance model: bytes, FLOPs and the ceilings they imply.
 
-Decode is memory-bound: each step reads every weight once (and the KV cache of every row) to
-produce one token per row. So an upper bound on decode speed is
+Decode is memory-bound: each step reads every weight matrix once (of an untied input embedding,
+only the looked-up rows) and the KV cache of every row, to produce one token per row. So an
+upper bound on decode speed is
 
     tokens/s  <=  batch * bandwidth / (weight bytes + KV bytes read per step)
 
@@ -39,6 +40,11 @@ SHAPES = {
 }
 
 
+# Bytes per stored element of the formats the notebooks compare (int4 packs two per byte; the
+# per-group scales that real int4/int8 formats add are counted by quant.formats, not here).
+BYTES_PER_ELEMENT = {"fp32": 4, "bf16 / fp16": 2, "fp8 / int8": 1, "int4": 0.5}
+
+
 def shape(name: str) -> ModelConfig:
     if name not in SHAPES:
         raise ValueError(f"unknown model shape {name!r}; known: {sorted(SHAPES)}")
@@ -59,16 +65,44 @@ class Hardware:
 
 
 HARDWARE = {
-    # The source article's datasheet figures (claim C3).
-    "A100-80GB (datasheet)": Hardware("A100-80GB (datasheet)", 2.0e12, 312e12, "article C3"),
-    "H100-80GB (datasheet)": Hardware("H100-80GB (datasheet)", 3.35e12, 990e12, "article C3"),
-    # Measured by us: copy bandwidth (read + write) and an 8192^3 bf16 matmul.
-    "H200 (measured)": Hardware("H200 (measured)", 4.26e12, 758e12, "shared/ANCHORS.md"),
+    # Public datasheet peaks (dense, i.e. without 2:4 sparsity). No GPU result is committed in
+    # benchmarks/results/ yet; benchmarks/gpu_check.sh measures copy bandwidth and a bf16 matmul
+    # on a lent GPU, and notebooks then report speed against those measured ceilings instead.
+    # A100 and H100 are the article's table (claim C3), which matches the datasheets.
+    "A100-80GB (datasheet)": Hardware("A100-80GB (datasheet)", 2.0e12, 312e12,
+                                      "NVIDIA A100 datasheet (article C3)"),
+    "H100-80GB (datasheet)": Hardware("H100-80GB (datasheet)", 3.35e12, 990e12,
+                                      "NVIDIA H100 SXM datasheet (article C3)"),
+    # 4.8 TB/s HBM3e; 1,979 bf16 TFLOP/s "with sparsity", i.e. 989 dense.
+    "H200-141GB (datasheet)": Hardware("H200-141GB (datasheet)", 4.8e12, 989e12,
+                                       "NVIDIA H200 SXM datasheet"),
 }
 
 
+def _lookup_params(c: ModelConfig) -> int:
+    """Parameters of an untied input embedding: a table a step indexes, not a matrix it multiplies.
+    A tied embedding is also the LM head, which every step multiplies in full, so it counts as 0."""
+    return 0 if c.tie_word_embeddings else c.vocab_size * c.hidden_size
+
+
 def weight_bytes(c: ModelConfig, bytes_per_param: float = 2) -> float:
+    """Bytes the weights occupy in memory (every parameter). Not what a step reads: see
+    ``step_weight_bytes``."""
     return c.num_parameters() * bytes_per_param
+
+
+def step_weight_bytes(c: ModelConfig, bytes_per_param: float = 2, rows: int = 1) -> float:
+    """Weight bytes one forward pass over ``rows`` tokens must read: every matrix it multiplies
+    once (the LM head included), but of an untied input embedding only the ``rows`` looked-up rows.
+
+    ``rows`` is the batch for a decode step (one new token per sequence) or the prompt length for
+    a prefill. Repeated token ids are counted as distinct rows, so this is a bound from above.
+    For Llama-2-7B the embedding's 32,000 x 4,096 table is 1.9% of the parameters; for
+    Llama-3-8B (128,256 rows) 6.5%. Tied models (SmolLM2, Llama-3.2-1B) read all of it anyway.
+    """
+    lookup = _lookup_params(c)
+    rows_read = min(rows, c.vocab_size) if lookup else 0
+    return (c.num_parameters() - lookup + rows_read * c.hidden_size) * bytes_per_param
 
 
 def kv_cache_bytes(c: ModelConfig, batch: int, context: int, bytes_per_elem: float = 2) -> float:
@@ -78,14 +112,17 @@ def kv_cache_bytes(c: ModelConfig, batch: int, context: int, bytes_per_elem: flo
 
 def decode_step_bytes(c: ModelConfig, batch: int, context: int, bytes_per_param: float = 2,
                       kv_bytes_per_elem: float = 2) -> float:
-    """Minimum DRAM traffic of one decode step: all weights once + every row's KV cache."""
-    return weight_bytes(c, bytes_per_param) + kv_cache_bytes(c, batch, context, kv_bytes_per_elem)
+    """Minimum DRAM traffic of one decode step: the weights it multiplies once, one embedding row
+    per sequence (untied models), and every row's KV cache."""
+    return (step_weight_bytes(c, bytes_per_param, batch)
+            + kv_cache_bytes(c, batch, context, kv_bytes_per_elem))
 
 
 def decode_step_flops(c: ModelConfig, batch: int, context: int) -> float:
-    """2 FLOPs per weight per token, plus attention's QK^T and PV over the context."""
+    """2 FLOPs per multiplied weight per token (an embedding lookup does no arithmetic), plus
+    attention's QK^T and PV over the context."""
     attn = 2 * 2 * c.num_layers * c.num_heads * c.head_dim * context
-    return batch * (2 * c.num_parameters() + attn)
+    return batch * (2 * (c.num_parameters() - _lookup_params(c)) + attn)
 
 
 def decode_ceiling_tok_s(c: ModelConfig, bandwidth: float, batch: int = 1, context: int = 512,
@@ -93,6 +130,15 @@ def decode_ceiling_tok_s(c: ModelConfig, bandwidth: float, batch: int = 1, conte
     """Tokens/s (all rows together) if a step took exactly its bytes over ``bandwidth``."""
     step = decode_step_bytes(c, batch, context, bytes_per_param, kv_bytes_per_elem)
     return batch * bandwidth / step
+
+
+def cost_per_million_tokens(tok_s: float, price_per_hour: float) -> tuple[float, float]:
+    """(machine-hours, money) to generate one million tokens at ``tok_s`` tokens/s on a machine
+    rented at ``price_per_hour`` (the article's cost metric, claim C1: hours per 1M tokens)."""
+    if tok_s <= 0:
+        raise ValueError(f"throughput must be positive, got {tok_s}")
+    hours = 1e6 / tok_s / 3600
+    return hours, hours * price_per_hour
 
 
 def linear_intensity(m: int, n: int, k: int, bytes_per_elem: float = 2) -> float:

@@ -248,7 +248,7 @@ def _try(fn, what: str):
 def run_model(name, config, device, dtype, batches, P, N, roof, args, t_start) -> list[dict]:
     import torch
 
-    from ..analysis import decode_ceiling_tok_s, kv_cache_bytes
+    from ..analysis import decode_ceiling_tok_s, kv_cache_bytes, step_weight_bytes
     log(f"[decode] building {name} on {device} ({dtype}) ...")
     model = build_ours(config, device, dtype, args.backend, args.seed)
     c = model.config
@@ -266,7 +266,10 @@ def run_model(name, config, device, dtype, batches, P, N, roof, args, t_start) -
         ids = torch.randint(0, c.vocab_size, (B, P), generator=g).to(device)
         ctx = P + N / 2                   # mean context over the decode steps
         kv = kv_cache_bytes(c, B, ctx, esz)
-        rec.update(mean_context=ctx, kv_bytes_per_step=kv, bytes_per_step=weight_bytes + kv,
+        # a step reads every multiplied matrix but only B rows of an untied input embedding
+        sw = step_weight_bytes(c, esz, B)
+        rec.update(mean_context=ctx, kv_bytes_per_step=kv, step_weight_bytes=sw,
+                   bytes_per_step=sw + kv,
                    ceiling_tok_s=decode_ceiling_tok_s(c, roof["copy_bandwidth_Bps"], B, ctx,
                                                       esz, esz))
         if hf is not None and logit_check is None:
