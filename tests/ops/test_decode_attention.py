@@ -79,6 +79,15 @@ def test_num_kv_splits_heuristic():
     assert mod.num_kv_splits(1, 10, 132) == 1                     # one block: nothing to split
 
 
+@pytest.mark.parametrize("S, asked", [(1, 4), (64, 1), (100, 3), (4096, 64), (32768, 57),
+                                      (1823, 7), (2048, 200)])
+def test_split_plan_covers_every_key_once_in_whole_tiles(S, asked):
+    ns, per = mod.split_plan(S, asked)
+    assert per % mod.BLOCK_N == 0 and 1 <= ns <= asked
+    starts = [s * per for s in range(ns)]
+    assert starts[-1] < S <= ns * per          # the last chunk holds a key; together they hold all
+
+
 def test_bad_arguments_raise_value_error():
     q, k, v, q_pos, kv = _case([10], Hq=4, Hkv=2)
     bad = [

@@ -156,6 +156,18 @@ def num_kv_splits(batch_kv_heads: int, seq_len: int, num_sms: int, max_splits: i
     return min(s for s, e in eff.items() if e >= 0.85 * best)
 
 
+def split_plan(seq_len: int, num_splits: int) -> tuple[int, int]:
+    """-> (splits, keys per split) that decode_attention_triton launches for ``num_splits``.
+
+    Chunks are whole BLOCK_N-key tiles, so asking for 57 splits of 32,768 keys (512 tiles) gives
+    chunks of ceil(512 / 57) = 9 tiles = 576 keys, and only ceil(512 / 9) = 57 of them start
+    before the end: splits that would start past the last key are dropped, never launched empty.
+    """
+    n_blocks = max(1, -(-seq_len // BLOCK_N))
+    blocks_per_split = -(-n_blocks // max(1, num_splits))
+    return -(-n_blocks // blocks_per_split), blocks_per_split * BLOCK_N
+
+
 def decode_attention_triton(q, k, v, q_pos, kv_len, out=None, num_splits=None):
     """Same signature and result as ``decode_attention_ref``; ``out`` receives the result,
     ``num_splits`` overrides the heuristic (the tests force many splits on short contexts)."""
@@ -169,11 +181,8 @@ def decode_attention_triton(q, k, v, q_pos, kv_len, out=None, num_splits=None):
     if B == 0 or Hq == 0:
         return out
     G = Hq // Hkv
-    n_blocks = max(1, triton.cdiv(S, BLOCK_N))
     ns = num_splits or num_kv_splits(B * Hkv, S, _sm_count(q.device))
-    blocks_per_split = triton.cdiv(n_blocks, max(1, ns))
-    keys_per_split = blocks_per_split * BLOCK_N
-    ns = triton.cdiv(n_blocks, blocks_per_split)   # drop chunks that would start past S
+    ns, keys_per_split = split_plan(S, ns)   # whole tiles per chunk; no chunk past S
     # G >= 2 uses tl.dot, whose M must be >= 16: pad the group to 16 rows (masked, never read
     # or stored). At G = 1 that would waste 15/16 of each MMA, so reduce with tl.sum instead.
     use_dot = G > 1
