@@ -33,7 +33,7 @@ lab: model
 	$(BIN)/jupyter lab --notebook-dir=notebooks
 
 test: model
-	$(BIN)/python -m pytest --nbval-lax -p no:cacheprovider tests notebooks
+	$(BIN)/python -m pytest --nbval-lax -p no:cacheprovider --durations=15 tests notebooks
 
 # deterministic: an unchanged result redraws to the same PNG bytes (tests/test_figures.py)
 figures: $(STAMP)
