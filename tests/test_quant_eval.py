@@ -55,6 +55,40 @@ def test_perplexity_equals_direct_cross_entropy():
     assert r["tokens"] == 39 and math.isfinite(r["ppl"])
 
 
+def _direct_nll(model, ids, window, stride):
+    """Per-token NLL with the context spelled out, one forward per scored token: windows begin
+    at 0, stride, 2 stride, ... and end window tokens later (or at the text's end); token t is
+    scored by the first window that holds it and some context before it, so its context is
+    ids[k * stride : t] for the smallest such k. Independent of quant.eval._windows."""
+    L = ids.numel()
+    nll = []
+    for t in range(1, L):
+        k = 0
+        while min(k * stride + window, L) <= t:
+            k += 1
+        b = k * stride
+        assert b < t and t - b < window          # at least one token of context, within a window
+        logits = model(ids[b:t][None])[0, -1]
+        nll.append(float(Fn.cross_entropy(logits[None], ids[t:t + 1])))
+    return nll
+
+
+@pytest.mark.parametrize("L,window,stride,batch", [(50, 16, 5, 2), (45, 10, 3, 3), (64, 16, 1, 4),
+                                                   (37, 12, 12, 1), (30, 8, 7, 2), (40, 64, 10, 2),
+                                                   (29, 9, 4, 1)])
+def test_perplexity_windows_keep_their_context(L, window, stride, batch, one_thread):
+    """The windowed perplexity equals a direct token-by-token computation with explicit context,
+    so a window that kept less context than the recipe promises (or scored a token twice, or
+    in the wrong window) changes the number."""
+    m = tiny_model(seed=3)
+    ids = ids_of(L, seed=L)
+    r = perplexity(m, ids, window=window, stride=stride, batch_size=batch)
+    want = _direct_nll(m, ids, window, min(stride, window - 1))
+    assert r["tokens"] == L - 1 == len(want)
+    assert r["nll"] == pytest.approx(sum(want) / len(want), rel=1e-5, abs=1e-6)
+    assert r["ppl"] == pytest.approx(math.exp(sum(want) / len(want)), rel=1e-5)
+
+
 def test_perplexity_bad_arguments():
     m = tiny_model()
     with pytest.raises(ValueError):

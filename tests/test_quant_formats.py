@@ -9,7 +9,7 @@ from tinyserve.quant import formats as F
 from tinyserve.quant import (GGUFWeight, Int4Weight, NF4_CODEBOOK,
                              dequantize_group_article, fake_quantize_asym, make_quant_linear,
                              pack_nibbles, quantize_gguf, quantize_group_article, quantize_int4,
-                             quantize_int8, quantize_nf4, unpack_nibbles)
+                             quantize_int8, quantize_nf4, unpack_nibbles, wrap_int8)
 
 FP32_EPS = torch.finfo(torch.float32).eps
 
@@ -305,6 +305,36 @@ def test_article_snippet_at_8_bits_wraps_around_int8():
     assert int(q.min()) < 0                         # wrapped codes
     art = dequantize_group_article(q, s, z, w.shape)
     assert (art - w).abs().max() > 100 * (quantize_int8(w).dequantize() - w).abs().max()
+
+
+def test_article_snippet_wraps_codes_above_127_explicitly():
+    """The article casts codes up to 254 with ``.to(torch.int8)``: undefined in C/C++ for
+    out-of-range values. quantize_group_article wraps them explicitly, modulo 256, so the
+    codes (and notebook 03's checked outputs) are the same on every platform. Oracle: Python
+    integers."""
+    codes = [0, 1, 127, 128, 129, 200, 253, 254]        # min -1 and max +1: step 1/127 at 8 bits
+    w = torch.tensor([[-1 + c / 127 for c in codes]])
+    q, s, z = quantize_group_article(w, group_size=8, bits=8)
+    assert q.dtype == torch.int8 and float(s) == pytest.approx(1 / 127) and float(z) == -1
+    assert q[0].tolist() == [0, 1, 127, -128, -127, -56, -3, -2]
+    # a wrapped code decodes 256 steps too low: a weight near max comes back near min
+    back = dequantize_group_article(q, s, z, w.shape)
+    wrapped = torch.tensor(codes) > 127
+    torch.testing.assert_close(back[0, wrapped], w[0, wrapped] - 256 * s[0, 0], rtol=0, atol=1e-5)
+    torch.testing.assert_close(back[0, ~wrapped], w[0, ~wrapped], rtol=0, atol=1e-5)
+    # wrap_int8 itself, over a range wider than a byte, against ((c + 128) mod 256) - 128
+    c = torch.arange(-300, 301, dtype=torch.float32)
+    assert wrap_int8(c).tolist() == [((int(v) + 128) % 256) - 128 for v in c.tolist()]
+    # on random weights: the codes are the wrapped rounded codes, computed independently
+    w = weights(N=8, K=256)
+    for bits in (4, 8):
+        q, s, z = quantize_group_article(w, 128, bits)
+        raw = torch.round((w.reshape(-1, 128) - z) / s).to(torch.int64).tolist()
+        want = [[((v + 128) % 256) - 128 for v in row] for row in raw]
+        assert q.tolist() == want
+    # an all-zero group has step 1 (not 0/0 = NaN cast to int8) and codes 0
+    q, s, z = quantize_group_article(torch.zeros(1, 128), 128, 4)
+    assert float(s) == 1 and int(q.abs().max()) == 0
 
 
 # ---- the real model's weights (slow) ------------------------------------------------------------

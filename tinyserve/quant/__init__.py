@@ -36,7 +36,7 @@ from .formats import (DQ_BLOCK_SIZE, FORMATS, GGUF_QTYPES, INT4_GROUP_SIZES, NF4
                       QuantizedWeight, dequantize_group_article, dequantize_int4,
                       dequantize_int8, dequantize_nf4, fake_quantize_asym, pack_nibbles,
                       quantize_asym_codes, quantize_gguf, quantize_group_article,
-                      quantize_int4, quantize_int8, quantize_nf4, unpack_nibbles)
+                      quantize_int4, quantize_int8, quantize_nf4, unpack_nibbles, wrap_int8)
 from .linear import (GGUFLinear, Int4Linear, Int8Linear, NF4Linear, QuantLinear,
                      make_quant_linear)
 
@@ -293,7 +293,8 @@ __all__ = [
     "QuantizedWeight", "Int8Weight", "Int4Weight", "NF4Weight", "GGUFWeight", "FORMATS",
     "quantize_int8", "quantize_int4", "quantize_nf4", "quantize_gguf", "dequantize_int8",
     "dequantize_int4", "dequantize_nf4", "quantize_asym_codes", "fake_quantize_asym",
-    "quantize_group_article", "dequantize_group_article", "pack_nibbles", "unpack_nibbles",
+    "quantize_group_article", "dequantize_group_article", "wrap_int8", "pack_nibbles",
+    "unpack_nibbles",
     "NF4_CODEBOOK", "INT4_GROUP_SIZES", "NF4_BLOCK_SIZE", "DQ_BLOCK_SIZE",
     "QuantLinear", "Int8Linear", "Int4Linear", "NF4Linear", "GGUFLinear", "make_quant_linear",
 ]

@@ -9,6 +9,8 @@ in ``tinyserve.model.Linear``. Each format is a small dataclass of plain tensors
     int4     qweight uint8 [N, K/2], scales fp16 [N, K/g], mins fp16      4 + 32/g
     nf4      qweight uint8 [N, K/2], absmax fp16 [N, K/64]                4 + 16/64
              (+ double quant: absmax as int8 codes per 256, fp32 scales)  4 + 8/64 + 32/(64*256)
+             (bitsandbytes keeps the absmax in fp32, 4 + 32/64 = 4.5 bits, and its double
+             quantization codes them as 8-bit floats, not int8: same 4.127 bits)
     gguf     data uint8 [N, K/32 * bytes_per_block] (Q4_1: 20, Q8_0: 34)  Q4_1: 5, Q8_0: 8.5
 
 Each has ``.format``, ``.shape`` (N, K), ``.nbytes`` (bytes as stored, scales included),
@@ -473,7 +475,9 @@ def quantize_group_article(w: torch.Tensor, group_size: int = 128, bits: int = 4
     w - min spans max - min <= 2 absmax, i.e. at most 2 * (2^(bits-1) - 1) = 2^bits - 2 steps:
     for 4 bits the codes stay in 0..14 (the int8 cast is harmless, it only wastes 4 bits per
     code), but the step is absmax / 7 however narrow [min, max] is, so lopsided groups use a
-    few codes; for 8 bits the codes reach 254 and the int8 cast wraps them (254 -> -2)."""
+    few codes; for 8 bits the codes reach 254 and do not fit int8: they wrap (254 -> -2, see
+    ``wrap_int8``). An all-zero group (absmax 0) would divide 0 by 0 in the snippet; we give it
+    the step 1 so its codes are 0, as a real quantizer does, instead of casting NaN."""
     _check_bits(bits, FAKE_BITS, "quantize_group_article")
     w = _check_weight(w)
     N, K = w.shape
@@ -481,9 +485,22 @@ def quantize_group_article(w: torch.Tensor, group_size: int = 128, bits: int = 4
     w = w.reshape(-1, group_size)
     absmax = w.abs().amax(dim=1, keepdim=True)
     scales = absmax / (2 ** (bits - 1) - 1)
+    scales = torch.where(absmax > 0, scales, torch.ones_like(scales))
     zeros = w.amin(dim=1, keepdim=True)
-    q = torch.round((w - zeros) / scales).to(torch.int8)
+    q = wrap_int8(torch.round((w - zeros) / scales))
     return q, scales, zeros
+
+
+def wrap_int8(codes: torch.Tensor) -> torch.Tensor:
+    """Integer-valued float codes -> int8, wrapping modulo 256 (128 -> -128, 200 -> -56).
+
+    This is what the article's ``.to(torch.int8)`` does to codes above 127 on common builds
+    (x86 and ARM convert through a 32-bit integer and keep its low byte), but C and C++ leave
+    the conversion of an out-of-range float to a narrower integer undefined, so a build may
+    also saturate or return anything. Going through int64 (exact for |x| < 2^63) and taking
+    the wrap explicitly gives the same, defined result everywhere."""
+    q = codes.to(torch.int64)
+    return (torch.remainder(q + 128, 256) - 128).to(torch.int8)
 
 
 def dequantize_group_article(q, scales, zeros, shape=None) -> torch.Tensor:
