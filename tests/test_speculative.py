@@ -5,7 +5,9 @@ The real-model checks (greedy output of every draft, head training) are in
 test_speculative_model.py.
 """
 import dataclasses
+from collections import Counter
 
+import numpy as np
 import pytest
 import torch
 
@@ -16,7 +18,7 @@ from tinyserve.sampling import SamplingParams
 from tinyserve.speculative import (Draft, DraftHead, HeadDraft, ModelDraft, PromptLookupDraft,
                                    SpeculativeDecoder, core, early_exit_draft, early_exit_view,
                                    expected_tokens_per_step, generate_speculative, head_config,
-                                   verify_greedy, verify_sampled)
+                                   residual_distribution, verify_greedy, verify_sampled)
 from tinyserve.speculative.head import init_head
 
 
@@ -93,20 +95,72 @@ def onehot(i, V=5):
 
 
 def test_verify_sampled_constructed_cases():
+    """Each case has one possible outcome (or, in the last, two known ones)."""
     g = torch.Generator().manual_seed(0)
-    # p certain of every draft: all accepted, the bonus comes from p[k]
+    # p certain of every draft (q one-hot): all accepted, the bonus comes from p[k]
     p = torch.stack([onehot(1), onehot(2), onehot(4)])
     assert verify_sampled(p, None, [1, 2], g) == (2, 4)
     # p gives the second draft zero probability: rejected there; the residual (p without
     # the draft) is one-hot on 3
     p = torch.stack([onehot(1), onehot(3), onehot(0)])
     assert verify_sampled(p, None, [1, 2], g) == (1, 3)
-    # with a sampled q: the residual max(0, p - q) is where p exceeds q
-    p = torch.tensor([[0.5, 0.5, 0, 0, 0], [0.2, 0.2, 0.2, 0.2, 0.2]])
-    q = torch.tensor([[0.0, 1.0, 0, 0, 0]])
-    for _ in range(20):   # accepted with probability 0.5; else the residual is one-hot on 0
-        n, tok = verify_sampled(p, q, [1], g)
-        assert (n, tok) in ((0, 0), (1, tok)) and 0 <= tok < 5
+    # sampled q. Position 0: p(1) = 0.8 >= q(1) = 0.5, accepted with probability 1.
+    # Position 1: p(2) = 0 < q(2), rejected with probability 1; the correction comes from
+    # normalize(max(0, p - q)) = one-hot on 3, although p itself would give 0 or 1 a fifth
+    # of the time (resampling from p is the classic mistake).
+    p = torch.tensor([[0.2, 0.8, 0, 0, 0], [0.1, 0.1, 0, 0.8, 0], [0, 0, 0, 0, 1.0]])
+    q = torch.tensor([[0.5, 0.5, 0, 0, 0], [0.1, 0.1, 0.8, 0, 0]])
+    for _ in range(50):
+        assert verify_sampled(p, q, [1, 2], g) == (1, 3)
+    # the same first position alone: accepted, then the bonus from p[1] = one-hot on 4
+    assert verify_sampled(p[[0, 2]], q[:1], [1], g) == (1, 4)
+    # Accepted with probability p(1) / q(1) = 0.5: accepted -> bonus 4 from p[1]; rejected ->
+    # the residual max(0, p - q) = (0.5, 0, 0, 0, 0), one-hot on 0. Nothing else may come out.
+    p = torch.stack([torch.tensor([0.5, 0.5, 0, 0, 0]), onehot(4)])
+    q = onehot(1)[None]
+    outcomes = Counter(verify_sampled(p, q, [1], g) for _ in range(400))
+    assert set(outcomes) == {(0, 0), (1, 4)}, outcomes
+    assert abs(outcomes[(1, 4)] / 400 - 0.5) < 0.1, outcomes     # 4 standard deviations
+
+
+def test_residual_distribution_is_the_normalized_positive_part():
+    """normalize(max(0, p - q)), checked against a float64 numpy computation: non-negative,
+    sums to one, zero wherever q >= p; q None means one-hot on the token."""
+    g = torch.Generator().manual_seed(0)
+    for V in (2, 7, 300):
+        for _ in range(10):
+            p = torch.softmax(2 * torch.randn(V, generator=g), -1)
+            q = torch.softmax(2 * torch.randn(V, generator=g), -1)
+            tok = int(torch.multinomial(q, 1, generator=g))
+            r = residual_distribution(p, q, tok)
+            want = np.maximum(p.double().numpy() - q.double().numpy(), 0)
+            want /= want.sum()
+            assert (r >= 0).all() and float(r.sum()) == pytest.approx(1.0, abs=1e-6)
+            assert (r[q >= p] == 0).all()
+            np.testing.assert_allclose(r.double().numpy(), want, rtol=1e-5, atol=1e-7)
+            # q = None (a deterministic draft) is q one-hot on the token: p without it
+            r1 = residual_distribution(p, None, tok)
+            want1 = p.double().numpy().copy()
+            want1[tok] = 0
+            np.testing.assert_allclose(r1.double().numpy(), want1 / want1.sum(), rtol=1e-5,
+                                       atol=1e-7)
+            torch.testing.assert_close(r1, residual_distribution(p, onehot(tok, V), tok))
+
+
+def test_residual_distribution_when_p_equals_q():
+    """Nothing is left of max(0, p - q): a rejection had probability 0, and the documented
+    fallback returns p itself (never NaN from 0 / 0); with p one-hot on the drafted token and
+    q None, the same."""
+    p = torch.tensor([0.1, 0.2, 0.3, 0.4])
+    nudged = p.clone()            # equal up to one float32 ulp in two places
+    nudged[1] = torch.nextafter(p[1], torch.tensor(1.0))
+    nudged[3] = torch.nextafter(p[3], torch.tensor(0.0))
+    for q in (p.clone(), nudged):
+        r = residual_distribution(p, q, 2)
+        assert torch.isfinite(r).all() and (r >= 0).all()
+        assert float(r.sum()) == pytest.approx(1.0, abs=1e-6)
+    torch.testing.assert_close(residual_distribution(p, p.clone(), 2), p)
+    torch.testing.assert_close(residual_distribution(onehot(3, 4), None, 3), onehot(3, 4))
 
 
 def test_verify_greedy_counts_the_matching_prefix():
