@@ -99,7 +99,7 @@ class Lab:
                    JUPYTER_RUNTIME_DIR=str(root / "runtime"))
         env.pop("TRITON_INTERPRET", None)     # conftest sets it for pytest; a reader's lab has none
         # The kernel shares the 2 cores with the browser and the server: torch's spinning threads
-        # made 00 run 4x slower that way (280 s of CPU, not 70). Numbers shown differ, not checked.
+        # made 00 run 4x slower that way (280 s of CPU, not 70). Only printed timings change.
         env.setdefault("OMP_NUM_THREADS", "1")
         self.log = root / "lab.log"
         with open(self.log, "w") as log:
