@@ -39,8 +39,8 @@ def test_step_reads_one_embedding_row_per_sequence():
     c7, c8 = A.shape("Llama-2-7B"), A.shape("Llama-3-8B")
     full7, full8 = 2 * c7.num_parameters(), 2 * c8.num_parameters()
     assert A.step_weight_bytes(c7) == full7 - 2 * (32000 - 1) * 4096
-    assert 1 - A.step_weight_bytes(c7) / full7 == pytest.approx(0.0195, abs=5e-4)
-    assert 1 - A.step_weight_bytes(c8) / full8 == pytest.approx(0.0654, abs=5e-4)
+    assert A.step_weight_bytes(c7) / full7 == pytest.approx(1 - 0.0195, abs=5e-4)
+    assert A.step_weight_bytes(c8) / full8 == pytest.approx(1 - 0.0654, abs=5e-4)
     # batch B reads B rows (one new token per sequence); a prefill of P tokens reads P rows
     assert A.step_weight_bytes(c7, 2, 16) - A.step_weight_bytes(c7, 2, 1) == 15 * 4096 * 2
     assert A.decode_step_bytes(c7, 16, 0) == A.step_weight_bytes(c7, 2, 16)
