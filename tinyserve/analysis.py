@@ -65,9 +65,10 @@ class Hardware:
 
 
 HARDWARE = {
-    # Public datasheet peaks (dense, i.e. without 2:4 sparsity). No GPU result is committed in
-    # benchmarks/results/ yet; benchmarks/gpu_check.sh measures copy bandwidth and a bf16 matmul
-    # on a lent GPU, and notebooks then report speed against those measured ceilings instead.
+    # Public datasheet peaks (dense, i.e. without 2:4 sparsity): predictions. Measured ceilings
+    # come from benchmarks/gpu_check.sh on a lent GPU (copy bandwidth and a bf16 matmul, in each
+    # result's "roofline"; the H200 runs: 4.29-4.30 TB/s copy, 0.72-0.75 PFLOP/s bf16), and the
+    # notebooks report speed against those measured figures, not these.
     # A100 and H100 are the article's table (claim C3), which matches the datasheets.
     "A100-80GB (datasheet)": Hardware("A100-80GB (datasheet)", 2.0e12, 312e12,
                                       "NVIDIA A100 datasheet (article C3)"),
