@@ -428,3 +428,15 @@ def close(name, got, want, atol, rtol):
     print(f"{name}: worst |diff| {err.max().item() if err.numel() else 0:.3g} at {at}")
     assert not got.isnan().any(), f"{name}: NaN in the output (an element left unwritten?)"
     torch.testing.assert_close(got, want, atol=atol, rtol=rtol)
+
+
+class CharTokenizer:
+    """The least ``LLM`` needs of a tokenizer, for tiny random models: one id per character
+    (a..z), so text deltas exist and streaming can be tested without a real vocabulary."""
+    stop_token_ids = ()
+
+    def encode(self, text: str) -> list[int]:
+        return [(ord(c) - 97) % 26 for c in text]
+
+    def decode(self, ids, **kw) -> str:
+        return "".join(chr(97 + i % 26) for i in ids)

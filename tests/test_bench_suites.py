@@ -107,7 +107,7 @@ def test_ops_suite_times_every_impl_or_says_why_not(tmp_path, capsys):
 def test_ops_speedup_is_peer_time_over_ours():
     """ours/peer ratios as the JSON records them (on CUDA ours is "triton"; here a CPU impl)."""
     from tinyserve.bench import ops
-    from tinyserve.bench.spec import BenchCase
+    from tinyserve.ops.spec import BenchCase
     args = type("Args", (), {"warmup_ms": 1, "rep_ms": 1, "repeats": 1})()
     case = BenchCase(op="demo", name="x", bytes=100, flops=10, ours="mine", peers=("ref", "gone"),
                      setup=lambda: {"mine": lambda: None, "ref": lambda: sum(range(1000))})

@@ -15,7 +15,8 @@ MACHINE = common.machine_name("cpu")
 SMALL = ["--model", "tiny", "--device", "cpu", "--threads", "1", "--num-requests", "8",
          "--prompt-len", "8,0.5,2,16", "--output-len", "4,0.8,1,10", "--budget-seqs", "2",
          "--max-seqs", "8", "--block-size", "4", "--max-batched-tokens", "16",
-         "--prefix-requests", "6", "--system-len", "20", "--user-len", "4,0.5,1,8"]
+         "--prefix-requests", "6", "--system-len", "20", "--user-len", "4,0.5,1,8",
+         "--repeat-system-len", "40"]
 
 
 @pytest.fixture(autouse=True)
@@ -53,5 +54,11 @@ def test_paged_suite_on_a_tiny_model(tmp_path, capsys):
     assert on["fed_tokens"] == off["fed_tokens"] - on["cached_prompt_tokens"]
     assert p["on_over_off"]["output_tok_s"] == pytest.approx(
         on["output_tok_s"] / off["output_tok_s"])
+    a = data["across_calls"]      # one LLM, two calls: the second finds the system prompt
+    assert a["first"]["num_cached_tokens"] == 0 and a["second"]["num_cached_tokens"] == 40
+    assert a["first"]["prompt_tokens"] == a["second"]["prompt_tokens"] == 41
+    assert a["ttft_first_over_second"] == pytest.approx(
+        a["first"]["ttft_s"] / a["second"]["ttft_s"])
     out = capsys.readouterr().out
+    assert "across calls" in out
     assert "paged / slots" in out and "prefix cache" in out and "bench ops" in out

@@ -272,7 +272,7 @@ def test_bad_kv_arguments(tiny):
     # bytes -> whole blocks of 16 -> token slots
     per_token = tiny.config.kv_bytes_per_token(4)
     llm = LLM.from_model(tiny, None, kv_cache_bytes=per_token * 100)
-    assert llm.kv_options["kv_cache_tokens"] == 96
+    assert llm.config.kv_cache_tokens == 96 and llm.config.kv_cache_bytes is None
 
 
 def test_llm_in_a_small_kv_budget_preempts_and_stays_exact(tiny):

@@ -10,13 +10,14 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "LLM": "llm", "RequestOutput": "llm", "CompletionOutput": "llm",
-    "SamplingParams": "sampling",
+    "SamplingParams": "sampling", "EngineConfig": "engine.config",
     "load_model": "loader",
     "ModelConfig": "config",
     "KVCache": "kv_cache",
     "Transformer": "model",
     "Tokenizer": "tokenizer",
     "model_path": "weights.registry",
+    "TinyserveError": "errors", "RequestFailed": "errors",
 }
 __all__ = list(_EXPORTS)
 

@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 
 from .bench.common import positive_int
+from .errors import RequestFailed
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -404,7 +405,7 @@ def main(argv=None) -> int:
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE
-    except Failure as e:
+    except (Failure, RequestFailed) as e:   # RequestFailed: the generation itself raised
         print(f"error: {e}", file=sys.stderr)
         return EXIT_FAILURE
     except SystemExit as e:  # --help / --version

@@ -14,8 +14,10 @@ from typing import Iterator, Sequence
 
 import torch
 
+from .cuda_graph import GraphedDecodeStep
 from .kv_cache import KVCache
 from .sampling import SamplingParams, make_generator, sample
+from .timing import clock
 
 
 @dataclass
@@ -28,7 +30,7 @@ class Update:
 
 
 @dataclass
-class _Row:
+class Row:
     prompt: list[int]
     params: SamplingParams
     generator: torch.Generator | None
@@ -59,7 +61,7 @@ def check_prompt(prompt: Sequence[int], context: int):
                          f"no room to generate")
 
 
-def _update_text(row: _Row, tokenizer) -> str:
+def _update_text(row: Row, tokenizer) -> str:
     """Re-decode the output, apply stop strings, and return the text safe to stream now."""
     ids = row.out[:-1] if row.out and row.out[-1] in row.stop_ids else row.out
     text = tokenizer.decode(ids, skip_special_tokens=True)
@@ -81,7 +83,7 @@ def _update_text(row: _Row, tokenizer) -> str:
     return delta
 
 
-def _append_token(row: _Row, tok: int, tokenizer=None) -> str:
+def append_token(row: Row, tok: int, tokenizer=None) -> str:
     """Add one sampled token to ``row``, settle its finish reason; -> the text delta.
 
     Shared by ``decode_loop`` and the engine (``tinyserve.engine``), so both stop alike."""
@@ -110,7 +112,7 @@ def decode_loop(model, prompts: Sequence[Sequence[int]], params: Sequence[Sampli
     ctx, dev = model.config.max_position_embeddings, model.device
     rows = []
     for p, sp in zip(prompts, params):
-        rows.append(_Row.create(p, sp, ctx, dev, tokenizer, eos_ids))
+        rows.append(Row.create(p, sp, ctx, dev, tokenizer, eos_ids))
     B = len(rows)
     max_len = max(len(r.prompt) + r.limit for r in rows)
     cache = KVCache(model.config, B, max_len, dtype=model.dtype, device=dev)
@@ -129,10 +131,11 @@ def decode_loop(model, prompts: Sequence[Sequence[int]], params: Sequence[Sampli
     while True:
         active = [b for b, r in enumerate(rows) if r.finish_reason is None]
         next_ids = sample(logits[active], [rows[b].params for b in active],
-                          [rows[b].generator for b in active]).tolist()
+                          [rows[b].generator for b in active],
+                          [rows[b].out for b in active]).tolist()
         updates = []
         for b, tok in zip(active, next_ids):
-            delta = _append_token(rows[b], tok, tokenizer)
+            delta = append_token(rows[b], tok, tokenizer)
             updates.append(Update(b, tok, delta, rows[b].finish_reason))
         yield updates
         steps += 1
@@ -173,9 +176,6 @@ def benchmark_decode(model, input_ids: torch.Tensor, max_new_tokens: int,
     sync). ``cuda_graph`` defaults to True on CUDA. Returns tokens [B, N], prefill_s, decode_s
     (time of the decode steps only; graph capture is reported separately as capture_s).
     """
-    from .bench.common import clock
-    from .cuda_graph import GraphedDecodeStep
-
     dev = model.device
     B, T = input_ids.shape
     N = max_new_tokens

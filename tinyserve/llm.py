@@ -7,18 +7,21 @@
 
 Both run on the continuous-batching engine (``tinyserve.engine.LLMEngine``): all requests are
 queued at once, up to ``max_batch_size`` sequences run together, and a finished one's place is
-taken by the next at the following step.
+taken by the next at the following step. The ``LLM`` keeps its engine from call to call, so
+the prefix cache outlives a call: a second call with the same system prompt finds it computed
+(``RequestOutput.num_cached_tokens``).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import itertools
+from dataclasses import dataclass, field, replace
 from typing import Iterator, Sequence
 
 from tqdm.auto import tqdm
 
 from .engine import LLMEngine, SequenceMetrics
-from .engine.paged_store import blocks_for_budget
-from .engine.scheduler import check_budgets
+from .engine.config import EngineConfig
+from .errors import RequestFailed
 from .generate import check_prompt
 from .loader import load_model
 from .sampling import SamplingParams, per_row_params
@@ -29,7 +32,8 @@ class CompletionOutput:
     index: int
     text: str
     token_ids: list[int]
-    finish_reason: str | None  # "stop" (stop token or string) | "length" | "abort"
+    finish_reason: str | None  # "stop" (stop token or string) | "length" | "abort" | "error"
+    error: str | None = None   # what raised, when finish_reason is "error" (nobody else is hurt)
 
 
 @dataclass
@@ -40,6 +44,7 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool = True
     metrics: dict = field(default_factory=dict)
+    num_cached_tokens: int | None = None   # prompt tokens found in the prefix cache
 
 
 Messages = Sequence[dict]
@@ -57,23 +62,29 @@ class LLM:
     the call, min(max_batch_size, sequences) x the longest prompt + max_tokens, so nobody is
     ever preempted. A smaller budget, or a larger ``max_batch_size`` in the same budget, runs
     as many sequences as there are free blocks; when the blocks run out, the latest admitted
-    sequence is preempted and recomputed later (its output does not change). Within a call,
-    prompts sharing a prefix reuse its blocks once computed (``enable_prefix_caching``), and
-    the n samples of a request share their prompt's blocks. ``kv="slots"``: the contiguous
-    baseline, one ``max_model_len`` slot per sequence."""
+    sequence is preempted and recomputed later (its output does not change). Prompts sharing
+    a prefix reuse its blocks once computed (``enable_prefix_caching``), within a call and
+    across calls, and the n samples of a request share their prompt's blocks.
+    ``kv="slots"``: the contiguous baseline, one ``max_model_len`` slot per sequence.
+
+    One engine serves every call. It is built by the first call and grows when a later one
+    needs more sequences or longer ones than it holds (a new, larger engine: only then does
+    the prefix cache start empty again); memory is never given back until the LLM is."""
 
     def __init__(self, model: str = "smollm2", device: str = "auto", dtype=None,
                  backend: str = "auto", max_batch_size: int = 16,
                  quantization: str | dict | None = None, max_num_batched_tokens: int = 2048,
                  kv: str = "paged", kv_cache_tokens: int | None = None,
                  kv_cache_bytes: int | None = None, block_size: int | None = None,
-                 enable_prefix_caching: bool = True):
+                 enable_prefix_caching: bool = True, config: EngineConfig | None = None):
         """``quantization``: None, a method name ("int8", "int4", "nf4", "gguf", ...; see
         ``tinyserve.quant.known_methods()``) or a dict ``{"method": ..., "group_size": ...,
         ...}`` of ``tinyserve.quant.quantize_model`` arguments, applied after loading. The
-        ``kv*``, ``block_size`` and ``enable_prefix_caching`` options: see the class."""
-        check_budgets(max_batch_size, max_num_batched_tokens, "max_batch_size")
-        _check_kv(kv, kv_cache_tokens, kv_cache_bytes)
+        engine options (``max_batch_size`` is ``EngineConfig.max_num_seqs``, a cap per call;
+        ``kv*``, ``block_size``, ``enable_prefix_caching``: see the class) may instead be
+        given as one ``config``. Every option is checked before the (slow) load."""
+        config = _config(config, max_batch_size, max_num_batched_tokens, kv, kv_cache_tokens,
+                         kv_cache_bytes, block_size, enable_prefix_caching)
         if quantization is not None:  # check the name before the (slow) load
             from .quant import get_method
             spec = {"method": quantization} if isinstance(quantization, str) else quantization
@@ -86,32 +97,30 @@ class LLM:
         if quantization is not None:
             from .quant import quantize_model
             quantize_model(self.model, **spec)
-        self._setup(max_batch_size, max_num_batched_tokens, kv, kv_cache_tokens, kv_cache_bytes,
-                    block_size, enable_prefix_caching)
+        self._setup(config)
 
     @classmethod
     def from_model(cls, model, tokenizer, max_batch_size: int = 16,
                    max_num_batched_tokens: int = 2048, kv: str = "paged",
                    kv_cache_tokens: int | None = None, kv_cache_bytes: int | None = None,
-                   block_size: int | None = None, enable_prefix_caching: bool = True) -> "LLM":
+                   block_size: int | None = None, enable_prefix_caching: bool = True,
+                   config: EngineConfig | None = None) -> "LLM":
         """Wrap an already loaded (model, tokenizer) pair, e.g. from ``load_model``."""
-        check_budgets(max_batch_size, max_num_batched_tokens, "max_batch_size")
-        _check_kv(kv, kv_cache_tokens, kv_cache_bytes)
+        config = _config(config, max_batch_size, max_num_batched_tokens, kv, kv_cache_tokens,
+                         kv_cache_bytes, block_size, enable_prefix_caching)
         self = cls.__new__(cls)
         self.model, self.tokenizer = model, tokenizer
-        self._setup(max_batch_size, max_num_batched_tokens, kv, kv_cache_tokens, kv_cache_bytes,
-                    block_size, enable_prefix_caching)
+        self._setup(config)
         return self
 
-    def _setup(self, max_batch_size, max_num_batched_tokens, kv, kv_cache_tokens,
-               kv_cache_bytes, block_size, enable_prefix_caching):
-        self.max_batch_size, self.max_num_batched_tokens = max_batch_size, max_num_batched_tokens
-        if kv_cache_bytes is not None:     # bytes -> whole blocks -> token slots
-            bs = 16 if block_size is None else block_size
-            kv_cache_tokens = bs * blocks_for_budget(self.model.config, bs, self.model.dtype,
-                                                     nbytes=kv_cache_bytes)
-        self.kv_options = dict(kv=kv, kv_cache_tokens=kv_cache_tokens, block_size=block_size,
-                               enable_prefix_caching=enable_prefix_caching)
+    def _setup(self, config: EngineConfig):
+        # max_model_len stays open (each call sizes it); a byte budget becomes token slots now
+        self.config = config.resolve(self.model.config, self.model.dtype)
+        self.config = replace(self.config, max_model_len=config.max_model_len)
+        self.max_batch_size = self.config.max_num_seqs
+        self.max_num_batched_tokens = self.config.max_num_batched_tokens
+        self.engine: LLMEngine | None = None     # built by the first call, kept
+        self._request_ids = itertools.count()    # unique across calls
 
     # ---- inputs --------------------------------------------------------------------------
     def _encode(self, prompt) -> tuple[str | None, list[int]]:
@@ -135,7 +144,9 @@ class LLM:
     # ---- generation ----------------------------------------------------------------------
     def generate(self, prompts, params: SamplingParams | Sequence[SamplingParams] | None = None,
                  use_tqdm: bool = True) -> list[RequestOutput]:
-        """One RequestOutput per prompt, in order. ``params`` may be one or one per prompt."""
+        """One RequestOutput per prompt, in order. ``params`` may be one or one per prompt.
+        A completion whose processing raised (e.g. its logits processor) has
+        ``finish_reason="error"`` and the message in ``.error``; the others are unaffected."""
         if isinstance(prompts, (str, dict)) or (
                 isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
@@ -146,25 +157,32 @@ class LLM:
         if not encoded:
             return []
         engine = self._engine([ids for _, ids in encoded], params)
-        for i, (_, ids) in enumerate(encoded):   # n samples of a request: n sequences
-            engine.add_request(i, ids, params[i])
-        # (request, sample) -> [text, token ids, finish reason, metrics]
-        comps = {(i, k): ["", [], None, None] for i, sp in enumerate(params) for k in range(sp.n)}
+        rids = [next(self._request_ids) for _ in encoded]
+        for rid, (_, ids), sp in zip(rids, encoded, params):   # n samples: n sequences
+            engine.add_request(rid, ids, sp)
+        # (prompt index, sample) -> [text, token ids, finish reason, error, metrics]
+        comps = {(i, k): ["", [], None, None, None] for i, sp in enumerate(params)
+                 for k in range(sp.n)}
+        index = {rid: i for i, rid in enumerate(rids)}
         bar = tqdm(total=len(comps), desc="generating", unit="seq",
                    disable=not use_tqdm or len(comps) <= 1)
         while engine.has_unfinished():
             for o in engine.step():
-                c = comps[(o.request_id, o.index)]
+                if o.request_id not in index:    # an abort notice of an earlier call's request
+                    continue
+                c = comps[(index[o.request_id], o.index)]
                 c[0] += o.text_delta
                 c[1] += o.token_ids
-                c[2], c[3] = o.finish_reason, o.metrics
+                c[2], c[3], c[4] = o.finish_reason, o.error, o.metrics
                 bar.update(o.finish_reason is not None)
         bar.close()
-        return [RequestOutput(i, text, ids,
-                              [CompletionOutput(k, *comps[(i, k)][:3]) for k in range(sp.n)],
-                              metrics=SequenceMetrics.merge(
-                                  [comps[(i, k)][3] for k in range(sp.n)]).as_dict())
-                for i, ((text, ids), sp) in enumerate(zip(encoded, params))]
+        outs = []
+        for i, ((text, ids), sp) in enumerate(zip(encoded, params)):
+            m = SequenceMetrics.merge([comps[(i, k)][4] for k in range(sp.n)]).as_dict()
+            outs.append(RequestOutput(
+                i, text, ids, [CompletionOutput(k, *comps[(i, k)][:4]) for k in range(sp.n)],
+                metrics=m, num_cached_tokens=m["cached_tokens"]))
+        return outs
 
     def chat(self, messages, params=None, use_tqdm: bool = True) -> list[RequestOutput]:
         """``messages``: one conversation (list of dicts) or a list of conversations."""
@@ -173,20 +191,32 @@ class LLM:
 
     def stream(self, prompt, params: SamplingParams | None = None,
                stats: dict | None = None) -> Iterator[str]:
-        """Yield the text of one completion as it is produced (deltas, in order)."""
+        """Yield the text of one completion as it is produced (deltas, in order). Raises
+        ``tinyserve.errors.RequestFailed`` if its processing raised (e.g. a logits processor)."""
         _, ids = self._encode(prompt)
         params = params or SamplingParams()
         if params.n != 1:
             raise ValueError("stream() produces one completion: use n=1")
         check_prompt(ids, self.model.config.max_position_embeddings)
         engine = self._engine([ids], [params])
-        engine.add_request(0, ids, params)
-        m = None
-        while engine.has_unfinished():
-            for o in engine.step():
-                m = o.metrics or m
-                if o.text_delta:
-                    yield o.text_delta
+        rid = next(self._request_ids)
+        engine.add_request(rid, ids, params)
+        m, reason = None, None
+        try:
+            while engine.has_unfinished() and reason is None:
+                for o in engine.step():
+                    if o.request_id != rid:
+                        continue
+                    m, reason = o.metrics or m, o.finish_reason
+                    if reason == "error":
+                        raise RequestFailed(o.error)
+                    if o.text_delta:
+                        yield o.text_delta
+        finally:      # a stream closed early (break, Ctrl-C) frees its KV memory at once
+            engine.abort(rid)
+        if reason in (None, "abort"):   # another call on this LLM began before it was read out
+            raise RequestFailed("stream aborted: another generate/stream call on the same LLM "
+                                "started before this stream was read to its end")
         if stats is not None:   # the keys decode_loop's stats have (the CLI prints them)
             stats.update(prefill_s=m.first_token_time - m.arrival_time,
                          total_s=m.finish_time - m.arrival_time, prompt_tokens=len(ids),
@@ -201,25 +231,45 @@ class LLM:
         return per_row_params(SamplingParams() if params is None else params, n, "prompts")
 
     def _engine(self, prompts, params) -> LLMEngine:
-        """An engine for these requests: at most max_batch_size sequences, each as long as the
-        longest prompt + output among them (the cache decode_loop would size), KV memory as
-        the class docstring says."""
+        """The engine for these requests: the one kept from earlier calls if it holds enough
+        sequences (min(max_batch_size, this call's)) each as long as this call's longest
+        prompt + output, else a new one as large as both (KV memory: see the class). Requests
+        an earlier call left behind (interrupted) are aborted: their memory is free now."""
         ctx = self.model.config.max_position_embeddings
         longest = max(len(p) + min(sp.max_tokens, ctx - len(p)) for p, sp in zip(prompts, params))
         most = max(sp.n for sp in params)
         if most > self.max_batch_size:
             raise ValueError(f"n={most} samples of a request run together: max_batch_size "
                              f"({self.max_batch_size}) must be >= n")
+        cap = self.config.max_model_len
+        if cap is not None and longest > cap:
+            raise ValueError(f"a prompt + max_tokens of {longest} tokens exceeds the "
+                             f"configured max_model_len ({cap})")
         seqs = min(self.max_batch_size, sum(sp.n for sp in params))
-        return LLMEngine(self.model, self.tokenizer, max_num_seqs=seqs,
-                         max_num_batched_tokens=self.max_num_batched_tokens,
-                         max_model_len=longest, **self.kv_options)
+        e = self.engine
+        if e is not None:
+            for rid in e.unfinished_ids:
+                e.abort(rid)
+            if e.scheduler.max_num_seqs >= seqs and e.max_model_len >= longest:
+                return e
+            seqs, longest = max(seqs, e.scheduler.max_num_seqs), max(longest, e.max_model_len)
+            self.engine = None               # let the old KV cache go before the new one
+        self.engine = LLMEngine(self.model, self.tokenizer, config=replace(
+            self.config, max_num_seqs=seqs, max_model_len=longest))
+        return self.engine
 
 
-def _check_kv(kv, kv_cache_tokens, kv_cache_bytes):
-    if kv not in ("paged", "slots"):
-        raise ValueError(f"kv must be 'paged' or 'slots', got {kv!r}")
-    if kv_cache_tokens is not None and kv_cache_bytes is not None:
-        raise ValueError("give the KV budget as kv_cache_tokens or kv_cache_bytes, not both")
-
-
+def _config(config, max_batch_size, max_num_batched_tokens, kv, kv_cache_tokens,
+            kv_cache_bytes, block_size, enable_prefix_caching) -> EngineConfig:
+    """LLM's engine options as one EngineConfig (errors name ``max_batch_size``)."""
+    options = (max_batch_size, max_num_batched_tokens, kv, kv_cache_tokens, kv_cache_bytes,
+               block_size, enable_prefix_caching)
+    if config is None:
+        return EngineConfig(max_batch_size, max_num_batched_tokens, None, kv, block_size,
+                            kv_cache_tokens, kv_cache_bytes, enable_prefix_caching,
+                            seqs_name="max_batch_size")
+    if not isinstance(config, EngineConfig):
+        raise TypeError(f"config must be an EngineConfig, got {type(config).__name__}")
+    if options != (16, 2048, "paged", None, None, None, True):
+        raise ValueError("give the engine options one by one or as config=, not both")
+    return config

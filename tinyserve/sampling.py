@@ -20,8 +20,8 @@ probability.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Sequence, Union
+from dataclasses import dataclass, field
+from typing import Callable, Sequence, Union
 
 import torch
 
@@ -33,10 +33,13 @@ __all__ = [
     "min_p_mask",
     "logits_to_probs",
     "sample",
+    "apply_logits_processors",
     "make_generator",
 ]
 
 RowParam = Union[float, int, Sequence[float], torch.Tensor]
+# vLLM's signature: (the request's output token ids so far, its next-token logits [V]) -> logits
+LogitsProcessor = Callable[[list, torch.Tensor], torch.Tensor]
 
 # Top-p and min-p compare float32 probabilities against a threshold.  A set of
 # tokens whose mass is exactly p in real arithmetic (e.g. 0.5 + 0.2 vs p = 0.7)
@@ -85,6 +88,7 @@ class SamplingParams:
     stop_token_ids: list[int] | None = None
     seed: int | None = None
     ignore_eos: bool = False
+    logits_processors: list[LogitsProcessor] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if not _is_int(self.n) or self.n < 1:
@@ -119,6 +123,14 @@ class SamplingParams:
 
         if not isinstance(self.ignore_eos, bool):
             raise ValueError(f"ignore_eos must be a bool, got {self.ignore_eos!r}")
+
+        procs = self.logits_processors
+        if procs is None:
+            procs = []
+        if not isinstance(procs, (list, tuple)) or not all(callable(f) for f in procs):
+            raise ValueError(f"logits_processors must be a list of callables "
+                             f"fn(output_token_ids, logits) -> logits, got {procs!r}")
+        self.logits_processors = list(procs)
 
     @staticmethod
     def _normalise_stop(stop: object) -> list[str]:
@@ -310,10 +322,34 @@ def make_generator(seed: int | None, device: torch.device | str = "cpu") -> torc
     return g
 
 
+def apply_logits_processors(logits: torch.Tensor, rows: Sequence[SamplingParams],
+                            output_token_ids: Sequence[Sequence[int]] | None) -> torch.Tensor:
+    """Each row's ``logits_processors``, in order, on that row alone (a new tensor when any
+    row has one; ``logits`` is not modified). A processor sees a copy of the request's output
+    so far and its row ``[V]``, and must return a tensor of the same shape."""
+    todo = [i for i, r in enumerate(rows) if r.logits_processors]
+    if not todo:
+        return logits
+    if output_token_ids is None or len(output_token_ids) != len(rows):
+        raise ValueError("logits_processors need each row's output token ids so far")
+    logits = logits.clone()
+    for i in todo:
+        row = logits[i]
+        for fn in rows[i].logits_processors:
+            row = fn(list(output_token_ids[i]), row)
+            if not isinstance(row, torch.Tensor) or row.shape != logits.shape[1:]:
+                raise ValueError(f"logits processor {getattr(fn, '__name__', fn)!r} returned "
+                                 f"{type(row).__name__} {tuple(getattr(row, 'shape', ()))}, "
+                                 f"expected a tensor of shape {tuple(logits.shape[1:])}")
+        logits[i] = row
+    return logits
+
+
 def sample(
     logits: torch.Tensor,
     params: SamplingParams | Sequence[SamplingParams],
     generators: Sequence[torch.Generator | None] | None = None,
+    output_token_ids: Sequence[Sequence[int]] | None = None,
 ) -> torch.Tensor:
     """Pick one token id per row: ``LongTensor [B]``.
 
@@ -322,11 +358,13 @@ def sample(
     rows draw from :func:`logits_to_probs` with ``torch.multinomial``; a row
     with a generator draws with it alone, so its tokens depend only on its seed
     and not on which other requests share the batch.  Rows without a generator
-    share one batched draw from the global RNG.
+    share one batched draw from the global RNG. Rows with ``logits_processors``
+    are first passed through them (``output_token_ids``: each row's output so far).
     """
     _check_logits(logits)
     batch = logits.shape[0]
     rows = per_row_params(params, batch)
+    logits = apply_logits_processors(logits, rows, output_token_ids)
     if generators is None:
         generators = [None] * batch
     elif len(generators) != batch:

@@ -14,10 +14,11 @@ import platform
 import re
 import statistics
 import sys
-import time
 from importlib import metadata
 from pathlib import Path
 from typing import Callable, Sequence
+
+from ..timing import clock, synchronize  # noqa: F401  (the suites time with these)
 
 DEFAULT_OUT = Path("benchmarks") / "results"
 
@@ -115,12 +116,12 @@ def write_result(result: dict, out_dir, machine: str, suite: str) -> Path:
     path = result_path(out_dir, machine, suite)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(result, indent=2, sort_keys=False, default=_jsonable) + "\n")
+    tmp.write_text(json.dumps(result, indent=2, sort_keys=False, default=jsonable) + "\n")
     os.replace(tmp, path)
     return path
 
 
-def _jsonable(x):
+def jsonable(x):
     if hasattr(x, "item"):  # numpy / torch scalars
         return x.item()
     if isinstance(x, Path):
@@ -129,21 +130,6 @@ def _jsonable(x):
 
 
 # ---- timing ------------------------------------------------------------------------------
-def synchronize(device) -> None:
-    """Wait for queued GPU work, so a clock read after it measures the work, not the launch."""
-    import torch
-    device = torch.device(device)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def clock(device=None) -> float:
-    """perf_counter after synchronizing ``device`` (if it is a CUDA device)."""
-    if device is not None:
-        synchronize(device)
-    return time.perf_counter()
-
-
 def summarize(values: Sequence[float]) -> dict:
     """Median (the number we report), min, max and the raw values of repeated measurements."""
     vals = [float(v) for v in values]

@@ -76,7 +76,7 @@ def add_arguments(p) -> None:
     p.add_argument("--figures", default="figures", help="directory for the plot ('' = none)")
 
 
-def _ints(s: str, what: str) -> list[int]:
+def int_list(s: str, what: str) -> list[int]:
     try:
         vals = [int(x) for x in s.split(",") if x.strip()]
     except ValueError:
@@ -339,7 +339,7 @@ def run(args) -> dict:
     bad = [m for m in models if m not in named]
     if bad:
         raise ValueError(f"unknown model(s) {bad}; available: {', '.join(named)}")
-    batches = _ints(args.batch_sizes or ("1,16" if cuda else "1,2"), "batch-sizes")
+    batches = int_list(args.batch_sizes or ("1,16" if cuda else "1,2"), "batch-sizes")
     P = args.prompt_len or (128 if cuda else 16)
     N = args.new_tokens or (128 if cuda else 8)
     if P <= 0 or N < 2 or args.repeats < 1 or args.hf_repeats < 1:

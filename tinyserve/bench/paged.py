@@ -21,7 +21,11 @@ do the same work (their greedy tokens are compared: ``same_tokens``). Measured:
 2. Prefix caching: --prefix-requests requests that share a --system-len-token system prompt
    (then a user part of their own), all at once, through the paged store with caching on and
    off: TTFT, throughput, prompt tokens served from the cache, tokens fed to the model.
-3. Kernels: the paged decode / prefill kernels against the contiguous ones at the same shapes
+3. Across calls: ``LLM`` keeps its engine, so its prefix cache outlives a call. Two
+   ``LLM.generate`` calls, each one request of a --repeat-system-len-token system prompt plus
+   a user part of its own: time to first token and ``num_cached_tokens`` of the first call
+   (nothing cached) and of the second (the system prompt's blocks found).
+4. Kernels: the paged decode / prefill kernels against the contiguous ones at the same shapes
    are the ``paged_attention`` cases of ``python -m tinyserve.bench ops`` (run on a GPU; on a
    CPU the kernels would run in the Triton interpreter, whose speed means nothing).
 """
@@ -71,6 +75,8 @@ def add_arguments(p) -> None:
                    help="tokens of the shared system prompt (default 192 CPU, 1024 CUDA)")
     p.add_argument("--user-len", default=None,
                    help="median,sigma,lo,hi of the user part after it (default 16,0.5,4,64 CPU)")
+    p.add_argument("--repeat-system-len", type=positive_int, default=400,
+                   help="tokens of the system prompt repeated across two LLM calls (400)")
     p.add_argument("--seed", type=int, default=0)
 
 
@@ -138,14 +144,14 @@ def run(args) -> dict:
     from ..engine.workload import make_workload
     from . import roofline
     from .common import env_info
-    from .serving import _lengths, load_models
+    from .serving import length_dist, load_models
     device = roofline.resolve_device(args.device)
     set_threads(args.threads)
     d = _CUDA if device.type == "cuda" else _CPU
     name = (args.model or d["model"]).lower()
-    prompt = _lengths(args.prompt_len or d["prompt_len"], "prompt-len")
-    output = _lengths(args.output_len or d["output_len"], "output-len")
-    user = _lengths(args.user_len or d["user_len"], "user-len")
+    prompt = length_dist(args.prompt_len or d["prompt_len"], "prompt-len")
+    output = length_dist(args.output_len or d["output_len"], "output-len")
+    user = length_dist(args.user_len or d["user_len"], "user-len")
     n_req = args.num_requests or d["num_requests"]
     n_pre = args.prefix_requests or d["prefix_requests"]
     sys_len = args.system_len or d["system_len"]
@@ -201,6 +207,7 @@ def run(args) -> dict:
                  / prefix["cache_off"]["output_tok_s"],
                  "ttft_p50": prefix["cache_off"]["ttft_s"]["p50"]
                  / prefix["cache_on"]["ttft_s"]["p50"]}
+    across = across_calls(model, args.repeat_system_len, user.lo, args.block_size, args.seed)
     result = {
         "suite": NAME, "env": env,
         "config": {"model": name, "device": str(device),
@@ -224,10 +231,38 @@ def run(args) -> dict:
                            "same_tokens": sum(prefix_tokens["cache_on"][k]
                                               == prefix_tokens["cache_off"][k]
                                               for k in prefix_tokens["cache_on"])},
+        "across_calls": across,
         "kernels": KERNELS,
     }
     print(report(result))
     return result
+
+
+def across_calls(model, system_len: int, user_len: int, block_size: int, seed: int) -> dict:
+    """Two ``LLM.generate`` calls on one LLM, each one request: the same system prompt, then
+    a user part of its own (greedy, 4 new tokens). -> TTFT and cached tokens of each call."""
+    import numpy as np
+
+    from ..llm import LLM
+    from ..sampling import SamplingParams
+    V, ctx = model.config.vocab_size, model.config.max_position_embeddings
+    if system_len + user_len + 4 > ctx:
+        raise ValueError(f"--repeat-system-len {system_len} + user part {user_len} + 4 new "
+                         f"tokens exceed the context ({ctx})")
+    rng = np.random.default_rng(seed + 4)
+    system = rng.integers(0, V, system_len).tolist()
+    llm = LLM.from_model(model, None, max_batch_size=1, block_size=block_size)
+    sp = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
+    calls = []
+    for k in range(2):
+        log(f"[paged] across calls: call {k + 1}, {system_len}-token system prompt ...")
+        prompt = system + rng.integers(0, V, user_len).tolist()
+        o = llm.generate([prompt], sp, use_tqdm=False)[0]
+        calls.append({"prompt_tokens": len(prompt), "num_cached_tokens": o.num_cached_tokens,
+                      "ttft_s": o.metrics["ttft_s"]})
+    return {"system_len": system_len, "user_len": user_len, "first": calls[0],
+            "second": calls[1], "ttft_first_over_second": calls[0]["ttft_s"]
+            / calls[1]["ttft_s"]}
 
 
 def report(result: dict) -> str:
@@ -258,4 +293,12 @@ def report(result: dict) -> str:
               f"cache on / off: {p['on_over_off']['output_tok_s']:.2f}x output tok/s, TTFT p50 "
               f"{p['on_over_off']['ttft_p50']:.2f}x shorter",
               f"kernels: {result['kernels']}"]
+    a = result.get("across_calls")
+    if a:    # absent from results saved before it existed
+        lines.insert(-1, f"across calls (one LLM, {a['system_len']}-token system prompt): "
+                     f"TTFT {1e3 * a['first']['ttft_s']:.0f} ms first call "
+                     f"({a['first']['num_cached_tokens']} cached), "
+                     f"{1e3 * a['second']['ttft_s']:.0f} ms second "
+                     f"({a['second']['num_cached_tokens']} cached): "
+                     f"{a['ttft_first_over_second']:.1f}x")
     return "\n".join(lines)

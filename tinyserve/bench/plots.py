@@ -40,7 +40,7 @@ DPI = 120
 STYLE = {"font.family": "DejaVu Sans", "font.sans-serif": ["DejaVu Sans"]}
 
 
-def _pyplot():
+def pyplot():
     import matplotlib
     matplotlib.use("Agg")   # files only: works on headless machines and in tests
     import matplotlib.pyplot as plt
@@ -60,11 +60,11 @@ def save(fig, path) -> Path:
     """Write ``fig`` as a PNG that depends only on what was drawn: matplotlib writes its version
     into the file unless told not to ("Software"); the Agg PNG carries no date."""
     fig.savefig(path, dpi=DPI, metadata={"Software": None})
-    _pyplot().close(fig)
+    pyplot().close(fig)
     return Path(path)
 
 
-def _subtitle(result: dict) -> str:
+def subtitle(result: dict) -> str:
     """The machine (card, or CPU and threads), the versions and the date of a result."""
     env = result.get("env", {})
     v = env.get("versions", {})
@@ -116,7 +116,7 @@ def _bars(ax, groups: list[str], series: dict[str, list], ylabel: str, labels=No
 
 
 def plot_ops(result: dict, fig_dir) -> list[Path]:
-    plt = _pyplot()
+    plt = pyplot()
     by_op: dict[str, list] = {}
     for c in result["cases"]:
         by_op.setdefault(c["op"], []).append(c)
@@ -134,7 +134,7 @@ def plot_ops(result: dict, fig_dir) -> list[Path]:
         fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(cases) + 2), 4.5))
         _bars(ax, [c["name"] for c in cases], series, "% of measured copy bandwidth", labels)
         bw = result["roofline"]["copy_bandwidth_Bps"] / 1e9
-        ax.set_title(f"{op}: bytes moved / time, vs copy {bw:.0f} GB/s\n{_subtitle(result)}",
+        ax.set_title(f"{op}: bytes moved / time, vs copy {bw:.0f} GB/s\n{subtitle(result)}",
                      fontsize=9)
         fig.tight_layout()
         paths.append(save(fig, _path(result, fig_dir, op)))
@@ -146,7 +146,7 @@ DECODE_SERIES = (("ours_graph", "tinyserve + CUDA graph"), ("ours", "tinyserve")
 
 
 def plot_decode(result: dict, fig_dir) -> list[Path]:
-    plt = _pyplot()
+    plt = pyplot()
     runs = result["runs"]
     groups = [f"{r['model']} B={r['batch']}" for r in runs]
     series, labels = {}, {}
@@ -162,7 +162,7 @@ def plot_decode(result: dict, fig_dir) -> list[Path]:
     fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(runs) + 2), 4.5))
     _bars(ax, groups, series, "% of bandwidth ceiling (tokens/s)", labels)
     ax.set_title(f"decode: tokens/s vs weights+KV bytes per step at copy bandwidth\n"
-                 f"{_subtitle(result)}", fontsize=9)
+                 f"{subtitle(result)}", fontsize=9)
     fig.tight_layout()
     return [save(fig, _path(result, fig_dir))]
 
@@ -175,7 +175,7 @@ def _annotate(ax, bars, texts, fontsize=7, rotation=0):
 
 def plot_generate(result: dict, fig_dir) -> list[Path]:
     """Median decode tokens/s and time to first token, whiskers min..max over the repeats."""
-    plt = _pyplot()
+    plt = pyplot()
     c, res = result["config"], result["results"]
     sides = [(k, label) for k, label in (("tinyserve", "tinyserve"),
                                          ("transformers", "HF transformers\n(same run)"))
@@ -199,7 +199,7 @@ def plot_generate(result: dict, fig_dir) -> list[Path]:
                  f"{c['prompt_tokens']}-token prompt + {c['max_tokens']} new tokens, "
                  f"{c['dtype']} on {c['device']}\nmedian of {c['repeats']} runs (whiskers: min"
                  f"..max); same greedy tokens: {agree.get('common_prefix')}/{agree.get('of')}"
-                 f"\n{_subtitle(result)}", fontsize=9)
+                 f"\n{subtitle(result)}", fontsize=9)
     fig.tight_layout()
     return [save(fig, _path(result, fig_dir))]
 
@@ -215,7 +215,7 @@ def _timeline(series: list) -> tuple[list, list]:
 
 
 def plot_paged(result: dict, fig_dir) -> list[Path]:
-    plt = _pyplot()
+    plt = pyplot()
     c, res, series = result["config"], result["results"], result["series"]
     fig, axes = plt.subplots(1, 3, figsize=(15, 5.2))
     for s, color, label in (("slots", "C1", "contiguous slots"), ("paged", "C0", "paged blocks")):
@@ -258,7 +258,7 @@ def plot_paged(result: dict, fig_dir) -> list[Path]:
                  f"{c['kv_budget_tokens']} tokens ({c['budget_seqs']} x max_model_len "
                  f"{c['max_model_len']}), blocks of {c['block_size']}; both stores measured in "
                  f"the same run, same greedy tokens {same.get('same')}/{same.get('of')}\n"
-                 f"{_subtitle(result)}", fontsize=9)
+                 f"{subtitle(result)}", fontsize=9)
     fig.tight_layout()
     return [save(fig, _path(result, fig_dir))]
 
@@ -280,7 +280,7 @@ def _speedup_lines(ax, rows, drafts, solid: str, dotted: str):
 
 
 def plot_speculative(result: dict, fig_dir) -> list[Path]:
-    plt = _pyplot()
+    plt = pyplot()
     from matplotlib.lines import Line2D
     gpu = result.get("mode") == "gpu"
     rows = result["predicted"] if gpu else result["runs"]
@@ -316,14 +316,14 @@ def plot_speculative(result: dict, fig_dir) -> list[Path]:
                 f"{c['max_tokens']} new tokens per prompt, {len(c['tasks'][tasks[0]])} prompts "
                 f"per task; plain decode measured in the same run (dashed line = 1x); output "
                 f"identical to plain decode in {same}/{len(rows)} runs")
-    fig.suptitle(f"{textwrap.fill(head, 190)}\n{_subtitle(result)}", fontsize=9)
+    fig.suptitle(f"{textwrap.fill(head, 190)}\n{subtitle(result)}", fontsize=9)
     fig.tight_layout()
     return [save(fig, _path(result, fig_dir))]
 
 
 def plot_quant(result: dict, fig_dir) -> list[Path]:
     """Quantized decode (bench quant): % of the bandwidth ceiling per format and batch, and size."""
-    plt = _pyplot()
+    plt = pyplot()
     c, runs = result["config"], result["runs"]
     formats = list(dict.fromkeys(r["format"] for r in runs))
     batches = list(dict.fromkeys(r["batch"] for r in runs))
@@ -346,14 +346,14 @@ def plot_quant(result: dict, fig_dir) -> list[Path]:
     fig.suptitle(f"quantized decode: {c['model']} random weights, {c['dtype']}, prompt "
                  f"{c['prompt_len']} + {c['new_tokens']} new tokens, "
                  f"{'CUDA graph' if c['cuda_graph'] else 'eager'}; ceiling = weights+KV bytes "
-                 f"per step at the measured copy bandwidth\n{_subtitle(result)}", fontsize=9)
+                 f"per step at the measured copy bandwidth\n{subtitle(result)}", fontsize=9)
     fig.tight_layout()
     return [save(fig, _path(result, fig_dir))]
 
 
 def plot_quant_quality(result: dict, fig_dir) -> list[Path]:
     """python -m tinyserve.quant.eval: perplexity, greedy agreement and size per method."""
-    plt = _pyplot()
+    plt = pyplot()
     c, rows = result["config"], result["rows"]
     names = [f"{r['method']} ({r['bits_per_weight']:.2f} b/w)" for r in rows]
     ys = list(range(len(rows)))[::-1]          # the first row on top
@@ -396,7 +396,7 @@ def plot_quant_quality(result: dict, fig_dir) -> list[Path]:
     axes[2].set_title("b/w: stored bits per linear weight", fontsize=9)
     note = textwrap.fill(result.get("note", ""), 170)   # what the reference is, from the file
     fig.suptitle(f"quantization quality: {result.get('model')} on {result['env']['device']}\n"
-                 f"{note}\n{_subtitle(result)}", fontsize=9)
+                 f"{note}\n{subtitle(result)}", fontsize=9)
     fig.tight_layout()
     return [save(fig, _path(result, fig_dir))]
 

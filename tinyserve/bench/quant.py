@@ -142,7 +142,7 @@ def run(args) -> dict:
     from ..quant import memory_breakdown, model_bytes
     from . import roofline
     from .common import env_info
-    from .decode import _ints, build_ours, named_configs, time_ours
+    from .decode import int_list, build_ours, named_configs, time_ours
     device = roofline.resolve_device(args.device)
     set_threads(args.threads)
     cuda = device.type == "cuda"
@@ -160,7 +160,7 @@ def run(args) -> dict:
             if g is not None and K % g:
                 raise ValueError(f"{f}: group size {g} does not divide in-features {K} of "
                                  f"{model_name}")
-    batches = _ints(args.batch_sizes or ("1,16" if cuda else "1,2"), "batch-sizes")
+    batches = int_list(args.batch_sizes or ("1,16" if cuda else "1,2"), "batch-sizes")
     P = args.prompt_len or (128 if cuda else 16)
     N = args.new_tokens or (128 if cuda else 8)
     if P <= 0 or N < 2 or args.repeats < 1:

@@ -87,7 +87,7 @@ _CUDA = dict(model="llama-3.2-1b", num_requests=128, sweep_requests=64, rates="4
              max_batched_tokens=2048)
 
 
-def _lengths(s: str, what: str):
+def length_dist(s: str, what: str):
     from ..engine.workload import Lengths
     try:
         med, sigma, lo, hi = s.split(",")
@@ -225,8 +225,8 @@ def run(args) -> dict:
     set_threads(args.threads)
     d = _CUDA if device.type == "cuda" else _CPU
     name = (args.model or d["model"]).lower()
-    prompt = _lengths(args.prompt_len or d["prompt_len"], "prompt-len")
-    output = _lengths(args.output_len or d["output_len"], "output-len")
+    prompt = length_dist(args.prompt_len or d["prompt_len"], "prompt-len")
+    output = length_dist(args.output_len or d["output_len"], "output-len")
     rates = _rates(d["rates"] if args.rates is None else args.rates)
     n_req = args.num_requests or d["num_requests"]
     n_sweep = args.sweep_requests or d["sweep_requests"]
@@ -330,8 +330,8 @@ def plot(result: dict, fig_dir) -> list:
     """Throughput bars per system, and TTFT / end-to-end latency (p50, p99) vs arrival rate."""
     from pathlib import Path
 
-    from .plots import _pyplot, _subtitle, save
-    plt = _pyplot()
+    from .plots import pyplot, subtitle, save
+    plt = pyplot()
     fig_dir = Path(fig_dir)
     fig_dir.mkdir(parents=True, exist_ok=True)
     res = result["results"]
@@ -359,7 +359,7 @@ def plot(result: dict, fig_dir) -> list:
         ax.legend(fontsize=7)
     c = result["config"]
     fig.suptitle(f"serving {c['model']} {c['dtype']} on {c['device']}, batch up to "
-                 f"{c['max_batch']}: every system measured in the same run\n{_subtitle(result)}",
+                 f"{c['max_batch']}: every system measured in the same run\n{subtitle(result)}",
                  fontsize=9)
     fig.tight_layout()
     return [save(fig, fig_dir / f"{result['env']['machine']}-serving.png")]

@@ -13,6 +13,14 @@ consumed (``tinyserve.sampling.sample``, per-request SamplingParams and seeded g
 seeded request's tokens do not depend on its neighbours), and retires the finished ones, whose
 KV memory is free for the next step. ``add_request`` and ``abort`` may be called between steps.
 
+Faults stay with the request that caused them. A sequence whose sampling raises (a logits
+processor, a parameter that slipped past validation) finishes with ``finish_reason="error"``
+and the message in ``StepOutput.error``; its KV memory is freed and every other sequence gets
+exactly the tokens it would have got alone (seeded generators are rewound before the rows are
+retried one by one). If the model step itself raises, the sequences of that step finish with
+"error" (nothing of the step is kept: the prefix cache never learns its blocks) and the engine
+goes on with the others: no request is lost silently and none can jam the engine.
+
 The KV store is PagedAttention's ``PagedKVStore`` by default (blocks taken as sequences grow,
 prefix caching, the n samples of a request sharing their prompt's blocks, preemption when the
 blocks run out); ``kv="slots"`` selects the contiguous ``SlotKVPool`` baseline.
@@ -25,8 +33,9 @@ from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
 from typing import Hashable
 
-from ..generate import _append_token, check_prompt
+from ..generate import append_token, check_prompt
 from ..sampling import SamplingParams, sample
+from .config import KV_KINDS, EngineConfig
 from .kv_pool import SlotKVPool
 from .model_runner import ModelRunner
 from .paged_store import PagedKVStore, blocks_for_budget
@@ -41,8 +50,9 @@ class StepOutput:
     index: int
     token_ids: list[int]                 # new tokens (one, or none for an abort)
     text_delta: str                      # text safe to stream now ("" without a tokenizer)
-    finish_reason: str | None            # "stop" | "length" | "abort" | None while running
+    finish_reason: str | None            # "stop" | "length" | "abort" | "error" | None
     metrics: SequenceMetrics | None = None   # set once finished
+    error: str | None = None             # what raised, when finish_reason is "error"
 
 
 @dataclass
@@ -53,14 +63,6 @@ class StepRecord:
     end: float
     # (request_id, index, slot or None, tokens fed, sampled this step)
     entries: list[tuple] = field(default_factory=list)
-
-
-def _positive_int(name: str, v) -> int:
-    if not isinstance(v, int) or isinstance(v, bool):
-        raise TypeError(f"{name} must be an int, got {type(v).__name__}")
-    if v < 1:
-        raise ValueError(f"{name} must be >= 1, got {v}")
-    return v
 
 
 class LLMEngine:
@@ -85,20 +87,32 @@ class LLMEngine:
     def __init__(self, model, tokenizer=None, max_num_seqs: int = 16,
                  max_num_batched_tokens: int = 512, max_model_len: int | None = None,
                  kv="paged", record_steps: bool = False, block_size: int | None = None,
-                 kv_cache_tokens: int | None = None, enable_prefix_caching: bool = True):
-        ctx = model.config.max_position_embeddings
-        max_model_len = ctx if max_model_len is None else max_model_len
-        _positive_int("max_num_seqs", max_num_seqs)
-        _positive_int("max_num_batched_tokens", max_num_batched_tokens)
-        _positive_int("max_model_len", max_model_len)
-        if not 2 <= max_model_len <= ctx:
-            raise ValueError(f"max_model_len must be in [2, {ctx}] (the model's context), "
-                             f"got {max_model_len}")
-        self.model, self.tokenizer, self.max_model_len = model, tokenizer, max_model_len
+                 kv_cache_tokens: int | None = None, enable_prefix_caching: bool = True, *,
+                 config: EngineConfig | None = None):
+        """The options are ``EngineConfig``'s: pass them one by one or as ``config`` (not
+        both). ``kv`` may also be a KV store object, used as is."""
+        store = None
+        if not isinstance(kv, str):
+            if block_size is not None or kv_cache_tokens is not None or not enable_prefix_caching:
+                raise ValueError("block_size, kv_cache_tokens and enable_prefix_caching "
+                                 "configure the engine's own paged store, not a store passed "
+                                 "as kv")
+            store, kv = kv, "paged"
+        elif kv not in KV_KINDS:
+            raise ValueError(f"kv must be 'paged', 'slots' or a KV store, got {kv!r}")
+        options = (max_num_seqs, max_num_batched_tokens, max_model_len, kv, block_size,
+                   kv_cache_tokens, enable_prefix_caching)
+        if config is None:
+            config = EngineConfig(max_num_seqs, max_num_batched_tokens, max_model_len, kv,
+                                  block_size, kv_cache_tokens, None, enable_prefix_caching)
+        elif options != _DEFAULT_OPTIONS or store is not None:
+            raise ValueError("give the engine's options one by one or as config=, not both")
+        self.config = config = config.resolve(model.config, model.dtype)
+        self.model, self.tokenizer = model, tokenizer
+        self.max_model_len = config.max_model_len
         self.eos_ids = tuple(tokenizer.stop_token_ids) if tokenizer is not None else ()
-        self.kv = _make_store(kv, model, max_num_seqs, max_model_len, block_size,
-                              kv_cache_tokens, enable_prefix_caching)
-        self.scheduler = Scheduler(self.kv, max_num_seqs, max_num_batched_tokens)
+        self.kv = store if store is not None else _make_store(config, model)
+        self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens)
         self.runner = ModelRunner(model, self.kv)
         self._requests: dict[Hashable, list[Sequence]] = {}
         self._seq_ids = itertools.count()
@@ -194,7 +208,15 @@ class LLMEngine:
             record = StepRecord(self.step_count, start, start, [
                 (s.request_id, s.index, slot_of(s.seq_id), fed[id(s)].num_tokens if id(s) in fed
                  else 0, id(s) in fed and fed[id(s)].samples) for s in self.scheduler.running])
-        logits = self.runner.execute(chunks)
+        try:
+            logits = self.runner.execute(chunks)
+        except Exception as e:     # the whole step failed: its sequences end, the rest go on
+            msg = f"model step failed: {type(e).__name__}: {e}"
+            now = time.perf_counter()
+            for c in chunks:
+                outputs += [self._fail(s, msg, now) for s in [c.seq, *c.seq.forks]]
+                c.seq.forks = []
+            return self._end_step(outputs, record, now)
         sampled = [c.seq for c in chunks if c.samples]
         for c in chunks:
             c.seq.num_computed += c.num_tokens
@@ -211,11 +233,13 @@ class LLMEngine:
             seq.forks = []
         if len(rows) > len(logits):
             logits = logits[rows]
-        tokens = sample(logits, [s.params for s in sampled],
-                        [s.generator for s in sampled]).tolist() if sampled else []
+        tokens, errors = self._sample(logits, sampled) if sampled else ([], {})
         now = time.perf_counter()
-        for seq, tok in zip(sampled, tokens):
-            delta = _append_token(seq, tok, self.tokenizer)
+        for i, (seq, tok) in enumerate(zip(sampled, tokens)):
+            if i in errors:
+                outputs.append(self._fail(seq, errors[i], now))
+                continue
+            delta = append_token(seq, tok, self.tokenizer)
             m = seq.metrics
             m.output_tokens += 1
             if m.first_token_time is None:
@@ -227,11 +251,47 @@ class LLMEngine:
                 self._forget(seq.request_id)
             outputs.append(StepOutput(seq.request_id, seq.index, [tok], delta,
                                       seq.finish_reason, m if done else None))
+        return self._end_step(outputs, record, now)
+
+    def _end_step(self, outputs, record, now) -> list[StepOutput]:
         if record is not None:
             record.end = now
             self.history.append(record)
         self.step_count += 1
         return outputs
+
+    @staticmethod
+    def _sample(logits, seqs) -> tuple[list[int], dict[int, str]]:
+        """One token per sequence, and {row: message} for rows whose sampling raised. The
+        batch is tried whole first; if it raises, seeded generators are rewound and each row
+        is retried alone, so one bad row cannot change its neighbours' tokens."""
+        params, gens = [s.params for s in seqs], [s.generator for s in seqs]
+        outs = [s.out for s in seqs]
+        states = [None if g is None else g.get_state() for g in gens]
+        try:
+            return sample(logits, params, gens, outs).tolist(), {}
+        except Exception:
+            for g, st in zip(gens, states):
+                if g is not None:
+                    g.set_state(st)
+        tokens, errors = [], {}
+        for i in range(len(seqs)):
+            try:
+                tokens.append(int(sample(logits[i:i + 1], params[i:i + 1], gens[i:i + 1],
+                                         outs[i:i + 1])[0]))
+            except Exception as e:
+                tokens.append(-1)
+                errors[i] = f"sampling failed: {type(e).__name__}: {e}"
+        return tokens, errors
+
+    def _fail(self, seq: Sequence, message: str, now: float) -> StepOutput:
+        """Finish ``seq`` with "error" (its KV memory freed) -> its last StepOutput."""
+        self.scheduler.finish(seq, "error")
+        seq.error = message
+        m = seq.metrics
+        m.finish_time, m.finish_step = now, self.step_count
+        self._forget(seq.request_id)
+        return StepOutput(seq.request_id, seq.index, [], "", "error", m, error=message)
 
     def _forget(self, request_id):
         seqs = self._requests.get(request_id)
@@ -239,29 +299,20 @@ class LLMEngine:
             del self._requests[request_id]
 
 
-def _make_store(kv, model, max_num_seqs, max_model_len, block_size, kv_cache_tokens,
-                enable_prefix_caching):
-    """The engine's KV store from its ``kv`` argument (see ``LLMEngine``)."""
-    paged_opts = block_size is not None or kv_cache_tokens is not None or not enable_prefix_caching
-    if not isinstance(kv, str):
-        if paged_opts:
-            raise ValueError("block_size, kv_cache_tokens and enable_prefix_caching configure "
-                             "the engine's own paged store, not a store passed as kv")
-        return kv
+_DEFAULT_OPTIONS = (16, 512, None, "paged", None, None, True)   # LLMEngine's own defaults
+
+
+def _make_store(config: EngineConfig, model):
+    """The engine's own KV store for a resolved ``config``."""
     c, args = model.config, (model.dtype, model.device, model.backend)
-    if kv == "slots":
-        if paged_opts:
-            raise ValueError("block_size, kv_cache_tokens and enable_prefix_caching are "
-                             "options of kv='paged', not of kv='slots'")
-        return SlotKVPool(c, max_num_seqs, max_model_len, *args)
-    if kv != "paged":
-        raise ValueError(f"kv must be 'paged', 'slots' or a KV store, got {kv!r}")
-    bs = 16 if block_size is None else _positive_int("block_size", block_size)
-    per_seq = -(-max_model_len // bs)                 # blocks of one full-length sequence
-    blocks = (max_num_seqs * per_seq if kv_cache_tokens is None
-              else blocks_for_budget(c, bs, model.dtype, tokens=kv_cache_tokens))
+    if config.kv == "slots":
+        return SlotKVPool(c, config.max_num_seqs, config.max_model_len, *args)
+    bs = config.block_size
+    per_seq = -(-config.max_model_len // bs)          # blocks of one full-length sequence
+    blocks = (config.max_num_seqs * per_seq if config.kv_cache_tokens is None
+              else blocks_for_budget(c, bs, model.dtype, tokens=config.kv_cache_tokens))
     if blocks < per_seq:
-        raise ValueError(f"kv_cache_tokens={kv_cache_tokens} holds {blocks} blocks of {bs} "
-                         f"tokens, less than one sequence of max_model_len={max_model_len} "
-                         f"needs ({per_seq} blocks)")
-    return PagedKVStore(c, blocks, bs, *args, enable_prefix_caching=enable_prefix_caching)
+        raise ValueError(f"kv_cache_tokens={config.kv_cache_tokens} holds {blocks} blocks of "
+                         f"{bs} tokens, less than one sequence of max_model_len="
+                         f"{config.max_model_len} needs ({per_seq} blocks)")
+    return PagedKVStore(c, blocks, bs, *args, enable_prefix_caching=config.enable_prefix_caching)

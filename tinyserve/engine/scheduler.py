@@ -48,6 +48,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass
 
+from .config import check_budgets
 from .sequence import Sequence, SequenceStatus
 
 
@@ -60,18 +61,6 @@ class ScheduledChunk:
     def samples(self) -> bool:
         """The chunk reaches the end of the sequence's pending tokens: sample after it."""
         return self.seq.num_computed + self.num_tokens == self.seq.num_tokens
-
-
-def check_budgets(max_num_seqs: int, max_num_batched_tokens: int,
-                  seqs_name: str = "max_num_seqs"):
-    """What a schedule needs of its two budgets (``seqs_name``: what the caller calls the
-    sequence limit, e.g. LLM's ``max_batch_size``, so the error names the caller's argument)."""
-    if max_num_seqs < 1:
-        raise ValueError(f"{seqs_name} must be >= 1, got {max_num_seqs}")
-    if max_num_batched_tokens < max_num_seqs:
-        raise ValueError(f"max_num_batched_tokens ({max_num_batched_tokens}) must be >= "
-                         f"{seqs_name} ({max_num_seqs}): every running sequence decodes "
-                         f"one token per step")
 
 
 def wait_bound_steps(tokens_ahead: int, max_num_batched_tokens: int, decodes: int) -> int:
@@ -120,6 +109,8 @@ class Scheduler:
             self.waiting.popleft()
             # Nothing of a waiting sequence is computed; the store may hold a cached prefix.
             seq.num_computed = self.kv.allocate(seq, seq.num_computed + n)
+            if seq.metrics is not None and seq.metrics.cached_tokens is None:
+                seq.metrics.cached_tokens = seq.num_computed    # vLLM's num_cached_tokens
             n = min(seq.num_pending, budget)
             seq.admit()
             self.running.append(seq)

@@ -2,9 +2,9 @@
 
     WAITING --admit--> RUNNING --stop / length--> FINISHED
        ^                  |
-       +----preempt-------+        (any live state) --abort--> FINISHED
+       +----preempt-------+        (any live state) --abort / error--> FINISHED
 
-A Sequence is a ``generate._Row`` (prompt, params, generator, stop ids, token limit, output,
+A Sequence is a ``generate.Row`` (prompt, params, generator, stop ids, token limit, output,
 streamed text) plus what scheduling needs. ``num_computed`` counts the leading tokens of
 ``prompt + out`` whose K/V are in the KV store; the rest are *pending* and are fed to the model
 by the next steps: the whole prompt at first (in chunks when it is long), then exactly one token
@@ -23,10 +23,10 @@ import enum
 from dataclasses import dataclass, field, replace
 from typing import Hashable
 
-from ..generate import _Row
+from ..generate import Row
 from ..sampling import SamplingParams
 
-FINISH_REASONS = ("stop", "length", "abort")
+FINISH_REASONS = ("stop", "length", "abort", "error")
 
 
 class SequenceStatus(enum.Enum):
@@ -48,6 +48,7 @@ class SequenceMetrics:
     prompt_tokens: int = 0
     output_tokens: int = 0
     preemptions: int = 0
+    cached_tokens: int | None = None    # prompt tokens the prefix cache held at admission
 
     @classmethod
     def merge(cls, ms: list["SequenceMetrics"]) -> "SequenceMetrics":
@@ -61,7 +62,7 @@ class SequenceMetrics:
                    first("first_token_step"),
                    None if None in fin else max(m.finish_step for m in ms),
                    ms[0].prompt_tokens, sum(m.output_tokens for m in ms),
-                   sum(m.preemptions for m in ms))
+                   sum(m.preemptions for m in ms), ms[0].cached_tokens)
 
     def as_dict(self) -> dict:
         d = dict(vars(self))
@@ -85,7 +86,7 @@ def nth_sample(params: SamplingParams, k: int) -> SamplingParams:
 
 
 @dataclass
-class Sequence(_Row):
+class Sequence(Row):
     seq_id: int = -1
     request_id: Hashable = None
     index: int = 0                    # which of the request's n samples
@@ -93,6 +94,7 @@ class Sequence(_Row):
     num_computed: int = 0             # leading tokens of prompt + out with K/V in the store
     metrics: SequenceMetrics | None = field(default=None, repr=False)
     forks: list["Sequence"] = field(default_factory=list, repr=False, compare=False)
+    error: str | None = None          # why it finished with "error"
 
     @property
     def num_tokens(self) -> int:

@@ -15,8 +15,10 @@ import math
 
 import torch
 
-from ._dispatch import resolve
+from ._dispatch import interpreter_on, resolve
+from .spec import BenchCase
 from .attention import attention_ref, check_attention_args
+from .launch import LOG2E, sm_count
 
 try:
     import triton
@@ -25,7 +27,6 @@ except ImportError:  # `import tinyserve.ops` must work without triton; only "re
     triton = None
 
 BLOCK_N = 64                 # keys per loop step: a 64 x D tile of K and one of V
-LOG2E = 1.4426950408889634   # softmax in base 2: exp2 is one instruction, exp is exp2 + a mul
 
 
 def decode_attention_ref(q, k, v, q_pos, kv_len):
@@ -100,7 +101,7 @@ if triton is not None:
             tl.store(Lse + b * se_b + heads * se_h + split * se_s, lse, mask=g_ok)
 
     @triton.jit
-    def _decode_combine_kernel(OPart, LsePart, O, num_splits,
+    def decode_combine_kernel(OPart, LsePart, O, num_splits,
                                sp_b, sp_h, sp_s, se_b, se_h, se_s, so_b, so_h, so_d,
                                BLOCK_S: tl.constexpr, D: tl.constexpr):
         # Program (b, q head): reads NUM_SPLITS partial rows (fp32) and their lse, writes D.
@@ -121,17 +122,6 @@ if triton is not None:
                     mask=s_ok[:, None], other=0.0)
         out = tl.sum(w[:, None] * o, axis=0) / tl.where(den > 0, den, 1.0)
         tl.store(O + b * so_b + h * so_h + offs_d * so_d, out.to(O.dtype.element_ty))
-
-
-_SM_COUNT = {}
-
-
-def _sm_count(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 4   # the interpreter: pretend to be a small GPU so the tests exercise splitting
-    if device not in _SM_COUNT:
-        _SM_COUNT[device] = torch.cuda.get_device_properties(device).multi_processor_count
-    return _SM_COUNT[device]
 
 
 def num_kv_splits(batch_kv_heads: int, seq_len: int, num_sms: int, max_splits: int = 64) -> int:
@@ -181,7 +171,7 @@ def decode_attention_triton(q, k, v, q_pos, kv_len, out=None, num_splits=None):
     if B == 0 or Hq == 0:
         return out
     G = Hq // Hkv
-    ns = num_splits or num_kv_splits(B * Hkv, S, _sm_count(q.device))
+    ns = num_splits or num_kv_splits(B * Hkv, S, sm_count(q.device))
     ns, keys_per_split = split_plan(S, ns)   # whole tiles per chunk; no chunk past S
     # G >= 2 uses tl.dot, whose M must be >= 16: pad the group to 16 rows (masked, never read
     # or stored). At G = 1 that would waste 15/16 of each MMA, so reduce with tl.sum instead.
@@ -204,7 +194,7 @@ def decode_attention_triton(q, k, v, q_pos, kv_len, out=None, num_splits=None):
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32", SINGLE=ns == 1,
         num_warps=4, num_stages=2)
     if ns > 1:
-        _decode_combine_kernel[(B, Hq)](
+        decode_combine_kernel[(B, Hq)](
             part, lse, o2, ns, part.stride(0), part.stride(1), part.stride(2), *lse.stride(),
             *o2.stride(), BLOCK_S=triton.next_power_of_2(ns), D=D, num_warps=4)
     return out
@@ -221,8 +211,6 @@ def bench_cases(device, small: bool = False):
     """Llama-2-7B heads (32, D=128) and GQA (32 q / 8 kv heads), bf16. K/V are the live slice
     [:, :, :S] of a cache [B, Hkv, S + 64, D], as the model passes them. bytes = K+V+q+out."""
     import torch.nn.functional as F
-    from tinyserve.bench.spec import BenchCase
-    from ._dispatch import interpreter_on
     dev = torch.device(device)
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     has_triton = triton is not None and (dev.type == "cuda" or interpreter_on())
@@ -255,5 +243,5 @@ def bench_cases(device, small: bool = False):
                 peers=("sdpa", "ref"),
                 meta={"B": B, "S": S, "Hq": Hq, "Hkv": Hkv, "D": D,
                       "sdpa": "enable_gqa=True" if Hq != Hkv else "MHA, no mask (all S keys)",
-                      "splits": num_kv_splits(B * Hkv, S, _sm_count(dev)) if has_triton else 0}))
+                      "splits": num_kv_splits(B * Hkv, S, sm_count(dev)) if has_triton else 0}))
     return cases

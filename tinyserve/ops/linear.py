@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 
 from ._dispatch import check_backend, interpreter_on, resolve
+from .launch import sm_count
+from .spec import BenchCase
 
 try:
     import triton
@@ -85,7 +87,7 @@ if triton is not None:
             tl.store(WS + (pid_k * M + offs_m[:, None]) * N + offs_n[None, :], acc, mask=y_mask)
 
     @triton.jit
-    def _splitk_reduce_kernel(WS, B, Y, M, N, stride_ym, SPLIT_K: tl.constexpr,
+    def splitk_reduce_kernel(WS, B, Y, M, N, stride_ym, SPLIT_K: tl.constexpr,
                               HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
         # Sums the SPLIT_K partials of BLOCK outputs in a fixed order (deterministic, unlike
         # atomics): reads SPLIT_K*BLOCK*4 bytes (still in L2 from the first kernel), writes BLOCK.
@@ -114,11 +116,6 @@ _GPU_K_ALIGN = 256  # the largest BLOCK_K: each split is a whole number of K til
 
 
 @functools.lru_cache(maxsize=None)
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
-@functools.lru_cache(maxsize=None)
 def _tuned_kernel():
     # SPLIT_K is a function of (N, K, device) unless a caller forces it; keyed to be safe.
     return triton.autotune([triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w,
@@ -126,11 +123,11 @@ def _tuned_kernel():
                            key=["M_PAD", "N", "K", "SPLIT_K"])(_linear_splitk_kernel)
 
 
-def _split_k(N: int, K: int, device: torch.device, align: int) -> int:
+def split_k_for(N: int, K: int, device: torch.device, align: int) -> int:
     """K splits so that >= 2 waves of programs exist even for N = 4096 (64 tiles of 64 rows)."""
     if device.type != "cuda":
         return _INTERP_SPLIT_K
-    waves = 2 * _sm_count(device.index if device.index is not None else 0)
+    waves = 2 * sm_count(device)
     split = triton.next_power_of_2(triton.cdiv(waves, triton.cdiv(N, 64)))  # nominal BLOCK_N
     # Keep >= 2 aligned K tiles per program, or the loop is all prologue and epilogue.
     return max(1, min(split, K // (2 * align), 64))
@@ -186,7 +183,7 @@ def linear_triton(x, weight, bias=None, out=None, split_k: int | None = None):
     b = bias.contiguous() if bias is not None else y2   # dummy pointer: HAS_BIAS=False
     on_gpu = x.is_cuda and not interpreter_on()
     align = _GPU_K_ALIGN if on_gpu else _INTERP["BLOCK_K"]
-    split = split_k if split_k is not None else _split_k(N, K, x.device, align)
+    split = split_k if split_k is not None else split_k_for(N, K, x.device, align)
     # Round each split up to whole K tiles, then drop splits that would be empty.
     k_per_split = triton.cdiv(triton.cdiv(K, max(1, split)), align) * align
     split = triton.cdiv(K, k_per_split)
@@ -202,7 +199,7 @@ def linear_triton(x, weight, bias=None, out=None, split_k: int | None = None):
         _linear_splitk_kernel[grid](*args, **meta, **_INTERP)
     if split > 1:
         BLOCK = 1024
-        _splitk_reduce_kernel[(triton.cdiv(M * N, BLOCK),)](
+        splitk_reduce_kernel[(triton.cdiv(M * N, BLOCK),)](
             ws, b, y2, M, N, y2.stride(0), SPLIT_K=split, HAS_BIAS=bias is not None,
             BLOCK=BLOCK, num_warps=4)
     return out
@@ -231,7 +228,6 @@ LLAMA2_7B = (("qkv", 4096, 12288), ("o", 4096, 4096), ("gate_up", 4096, 22016),
 
 def bench_cases(device, small: bool = False):
     """The four Llama-2-7B projections at M = 1 and 16 rows (bf16); tiny shapes when small."""
-    from tinyserve.bench.spec import BenchCase
     dev = torch.device(device)
     dtype = torch.bfloat16 if (dev.type == "cuda" or not small) else torch.float32
     shapes = (("tiny", 256, 384), ("tiny-odd", 200, 123)) if small else LLAMA2_7B

@@ -25,15 +25,17 @@ import math
 
 import torch
 
-from ._dispatch import resolve
+from ._dispatch import interpreter_on, resolve
+from .spec import BenchCase
 from .attention import KERNEL_DTYPES, KERNEL_HEAD_DIMS, attention_ref, kernel_supports
-from .decode_attention import BLOCK_N, LOG2E, _sm_count, num_kv_splits
-from .prefill_attention import _config as _prefill_config
+from .decode_attention import BLOCK_N, decode_attention_triton, num_kv_splits
+from .launch import LOG2E, sm_count
+from .prefill_attention import prefill_attention_triton, prefill_config
 
 try:
     import triton
     import triton.language as tl
-    from .decode_attention import _decode_combine_kernel
+    from .decode_attention import decode_combine_kernel
 except ImportError:  # `import tinyserve.ops` must work without triton; only "ref" is available
     triton = None
 
@@ -279,7 +281,7 @@ def paged_decode_attention_triton(q, k_cache, v_cache, block_tables, kv_lens, ou
     G = Hq // Hkv
     S = max(1, block_tables.shape[1] * bs)
     n_blocks = triton.cdiv(S, BLOCK_N)
-    ns = num_splits or num_kv_splits(B * Hkv, S, _sm_count(q.device))
+    ns = num_splits or num_kv_splits(B * Hkv, S, sm_count(q.device))
     keys_per_split = triton.cdiv(n_blocks, max(1, ns)) * BLOCK_N
     ns = triton.cdiv(S, keys_per_split)
     use_dot = G > 1
@@ -299,7 +301,7 @@ def paged_decode_attention_triton(q, k_cache, v_cache, block_tables, kv_lens, ou
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32", SINGLE=ns == 1,
         num_warps=4, num_stages=2)
     if ns > 1:
-        _decode_combine_kernel[(B, Hq)](
+        decode_combine_kernel[(B, Hq)](
             part, lse, out, ns, part.stride(0), part.stride(1), part.stride(2), *lse.stride(),
             *out.stride(), BLOCK_S=triton.next_power_of_2(ns), D=D, num_warps=4)
     return out
@@ -399,7 +401,7 @@ def paged_prefill_attention_triton(q, k_cache, v_cache, block_tables, cu_q, kv_l
         max_q_len = int((cu_q[1:] - cu_q[:-1]).max()) if B else 0
     if N == 0 or B == 0 or Hq == 0 or max_q_len <= 0:
         return out
-    block_m, block_n, num_warps, num_stages = _prefill_config(max_q_len, D, q.device)
+    block_m, block_n, num_warps, num_stages = prefill_config(max_q_len, D, q.device)
     _paged_prefill_kernel[(triton.cdiv(max_q_len, block_m), B * Hq)](
         q, k_cache, v_cache, block_tables, cu_q, kv_lens, out, *q.stride(),
         *k_cache.stride(), *v_cache.stride(), *block_tables.stride(), cu_q.stride(0),
@@ -455,10 +457,6 @@ def bench_cases(device, small: bool = False):
     of 16 in shuffled order). Peer "contiguous": decode_attention / prefill_attention's
     kernel on a contiguous [B, Hkv, S, D] cache (CUDA only: on CPU it would be the
     interpreter). bytes = K+V read + q + out + block tables."""
-    from tinyserve.bench.spec import BenchCase
-    from ._dispatch import interpreter_on
-    from .decode_attention import decode_attention_triton
-    from .prefill_attention import prefill_attention_triton
     dev = torch.device(device)
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     has_triton = triton is not None and (dev.type == "cuda" or interpreter_on())

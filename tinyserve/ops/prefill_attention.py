@@ -16,7 +16,9 @@ import math
 import torch
 
 from ._dispatch import resolve, interpreter_on
+from .spec import BenchCase
 from .attention import attention_ref, check_attention_args
+from .launch import LOG2E
 
 try:
     import triton
@@ -24,7 +26,6 @@ try:
 except ImportError:  # `import tinyserve.ops` must work without triton; only "ref" is available
     triton = None
 
-LOG2E = 1.4426950408889634
 
 
 def prefill_attention_ref(q, k, v, q_pos, kv_len):
@@ -87,7 +88,7 @@ if triton is not None:
                  out.to(O.dtype.element_ty), mask=m_ok[:, None])
 
 
-def _config(T: int, D: int, device: torch.device):
+def prefill_config(T: int, D: int, device: torch.device):
     """(BLOCK_M, BLOCK_N, num_warps, num_stages). Untuned but safe on H100/H200: 64x64 tiles of
     D=128 bf16 are 16 KB each, 2 stages of K and V plus q use ~80 KB of shared memory."""
     if device.type != "cuda" and interpreter_on():
@@ -105,7 +106,7 @@ def prefill_attention_triton(q, k, v, q_pos, kv_len, out=None):
         out = torch.empty(B, Hq, T, D, dtype=q.dtype, device=q.device)
     if B == 0 or Hq == 0 or T == 0:
         return out
-    block_m, block_n, num_warps, num_stages = _config(T, D, q.device)
+    block_m, block_n, num_warps, num_stages = prefill_config(T, D, q.device)
     grid = (triton.cdiv(T, block_m), B * Hq)   # query blocks of one head adjacent: K/V in L2
     _prefill_kernel[grid](
         q, k, v, q_pos, kv_len, out, *q.stride(), *k.stride(), *v.stride(),
@@ -128,7 +129,6 @@ def bench_cases(device, small: bool = False):
     """Llama-2-7B heads (32, D=128), batch 1, a fresh causal prefill of T tokens, bf16.
     bytes = q + K + V + out (the floor; scores never reach DRAM); FLOPs count the causal half."""
     import torch.nn.functional as F
-    from tinyserve.bench.spec import BenchCase
     dev = torch.device(device)
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     has_triton = triton is not None and (dev.type == "cuda" or interpreter_on())

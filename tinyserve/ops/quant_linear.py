@@ -41,12 +41,13 @@ import torch
 import torch.nn.functional as F
 
 from ._dispatch import check_backend, interpreter_on, resolve
-from .linear import DTYPES, MAX_M, _split_k, output_buffer
+from .spec import BenchCase
+from .linear import DTYPES, MAX_M, output_buffer, split_k_for
 
 try:
     import triton
     import triton.language as tl
-    from .linear import _splitk_reduce_kernel
+    from .linear import splitk_reduce_kernel
 except ImportError:  # `import tinyserve.ops` must work without triton; only "ref" is available
     triton = None
 
@@ -353,7 +354,7 @@ def quant_linear_triton(x, qt, bias=None, out=None, split_k: int | None = None,
     m_bucket = min(triton.next_power_of_2(M), 4096)
     if path == "skinny":
         kernel, align = _tuned("skinny", max_bk) if on_gpu else (None, _INTERP_SKINNY["BLOCK_K"])
-        split = split_k if split_k is not None else _split_k(N, K, x.device, align)
+        split = split_k if split_k is not None else split_k_for(N, K, x.device, align)
         # Whole K tiles per split (so no tile crosses a split or a group); drop empty splits.
         k_per_split = triton.cdiv(triton.cdiv(K, max(1, split)), align) * align
         split = triton.cdiv(K, k_per_split)
@@ -371,7 +372,7 @@ def quant_linear_triton(x, qt, bias=None, out=None, split_k: int | None = None,
             _quant_linear_kernel[grid](*args, **meta, **_INTERP_SKINNY)
         if split > 1:
             BLOCK = 1024
-            _splitk_reduce_kernel[(triton.cdiv(M * N, BLOCK),)](
+            splitk_reduce_kernel[(triton.cdiv(M * N, BLOCK),)](
                 ws, b, y2, M, N, y2.stride(0), SPLIT_K=split, HAS_BIAS=bias is not None,
                 BLOCK=BLOCK, num_warps=4)
     else:
@@ -436,7 +437,6 @@ def bench_cases(device, small: bool = False):
 
     bytes = the packed weight with its scales + activations in and out; peers: "cublas_bf16"
     (F.linear on the dequantized bf16 weight: what the unquantized layer pays) and "ref"."""
-    from tinyserve.bench.spec import BenchCase
     dev = torch.device(device)
     dtype = torch.bfloat16 if (dev.type == "cuda" or not small) else torch.float32
     shapes = (("tiny", 256, 96),) if small else LLAMA2_7B

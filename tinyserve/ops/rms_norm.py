@@ -7,7 +7,8 @@ h and y (4D), and the row never leaves registers in between.
 """
 import torch
 
-from ._dispatch import check_backend, resolve
+from ._dispatch import check_backend, interpreter_on, resolve
+from .spec import BenchCase
 
 try:
     import triton
@@ -124,8 +125,6 @@ def rms_norm(x, weight, eps, residual=None, backend="auto"):
 
 def bench_cases(device, small: bool = False):
     """Llama-2-7B hidden size 4096 at 1 / 16 / 4096 rows, plain and with the fused residual."""
-    from tinyserve.bench.spec import BenchCase
-    from ._dispatch import interpreter_on
     dev = torch.device(device)
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     D, row_counts = (64, (1, 7)) if small else (4096, (1, 16, 4096))

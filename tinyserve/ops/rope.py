@@ -8,7 +8,8 @@ import math
 
 import torch
 
-from ._dispatch import check_backend, resolve
+from ._dispatch import check_backend, interpreter_on, resolve
+from .spec import BenchCase
 
 try:
     import triton
@@ -176,8 +177,6 @@ def apply_rope(q, k, cos, sin, backend="auto"):
 def bench_cases(device, small: bool = False):
     """Llama-2-7B attention (32 q and 32 kv heads x 128): decode at batch 1 and 16, and a
     4096-token prefill. q/k are transposed views of [B, T, H, D], as the model passes them."""
-    from tinyserve.bench.spec import BenchCase
-    from ._dispatch import interpreter_on
     dev = torch.device(device)
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     Hq, Hkv, D = (4, 2, 16) if small else (32, 32, 128)

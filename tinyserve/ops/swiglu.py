@@ -2,7 +2,8 @@
 import torch
 import torch.nn.functional as F
 
-from ._dispatch import check_backend, resolve
+from ._dispatch import check_backend, interpreter_on, resolve
+from .spec import BenchCase
 
 try:
     import triton
@@ -82,8 +83,6 @@ def swiglu(gate, up, backend="auto"):
 
 def bench_cases(device, small: bool = False):
     """Llama-2-7B MLP (intermediate 11008) at 1, 16 and 4096 token rows."""
-    from tinyserve.bench.spec import BenchCase
-    from ._dispatch import interpreter_on
     dev = torch.device(device)
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     Fdim, row_counts = (176, (1, 7)) if small else (11008, (1, 16, 4096))

@@ -474,11 +474,11 @@ def write_json(result: dict, path) -> None:
     import json
     import os
     from pathlib import Path
-    from ..bench.common import _jsonable
+    from ..bench.common import jsonable
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(result, indent=2, default=_jsonable) + "\n")
+    tmp.write_text(json.dumps(result, indent=2, default=jsonable) + "\n")
     os.replace(tmp, path)
 
 

@@ -205,6 +205,9 @@ class SpeculativeDecoder:
         if params.stop:
             raise ValueError("stop strings are not supported by the token-level speculative "
                              "loop; use stop_token_ids")
+        if params.logits_processors:
+            raise ValueError("logits_processors are not supported by speculative decoding: "
+                             "verification compares the draft with the model's own distribution")
         V = model.config.vocab_size
         if draft.vocab_size is not None and draft.vocab_size != V:
             raise ValueError(f"draft vocabulary ({draft.vocab_size}) differs from the target's "
