@@ -115,12 +115,19 @@ class LLM:
 
     def _setup(self, config: EngineConfig):
         # max_model_len stays open (each call sizes it); a byte budget becomes token slots now
-        self.config = config.resolve(self.model.config, self.model.dtype)
-        self.config = replace(self.config, max_model_len=config.max_model_len)
-        self.max_batch_size = self.config.max_num_seqs
-        self.max_num_batched_tokens = self.config.max_num_batched_tokens
+        self.config = replace(config.resolve(self.model.config, self.model.dtype),
+                              max_model_len=config.max_model_len)
         self.engine: LLMEngine | None = None     # built by the first call, kept
         self._request_ids = itertools.count()    # unique across calls
+
+    @property
+    def max_batch_size(self) -> int:
+        """Most sequences one call runs at once (the config's max_num_seqs)."""
+        return self.config.max_num_seqs
+
+    @property
+    def max_num_batched_tokens(self) -> int:
+        return self.config.max_num_batched_tokens
 
     # ---- inputs --------------------------------------------------------------------------
     def _encode(self, prompt) -> tuple[str | None, list[int]]:
