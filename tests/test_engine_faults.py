@@ -73,7 +73,7 @@ def test_failing_request_leaves_the_batch_alone(tiny, bad):
     good = _good_params()
     alone = {rid: _run(tiny, [(rid, prompts[rid], good[rid])]) for rid in range(3)}
     engine = _engine(tiny)
-    free0 = engine.kv.num_free_blocks
+    free0 = engine.kv_cache_manager.num_free_blocks
     # the bad request sits in the middle of the batch, between seeded neighbours
     reqs = [(0, prompts[0], good[0]), (1, prompts[1], good[1]), ("bad", prompts[3], bad),
             (2, prompts[2], good[2])]
@@ -84,7 +84,7 @@ def test_failing_request_leaves_the_batch_alone(tiny, bad):
         for k in range(good[rid].n):
             assert outs[(rid, k)]["token_ids"] == alone[rid][(rid, k)]["token_ids"], (rid, k)
             assert outs[(rid, k)]["finish_reason"] == "length"
-    assert not engine.has_unfinished() and engine.kv.num_free_blocks == free0
+    assert not engine.has_unfinished() and engine.kv_cache_manager.num_free_blocks == free0
     assert engine.scheduler.running == [] and not engine.scheduler.waiting
 
 
@@ -108,23 +108,22 @@ def test_model_step_failure_ends_that_steps_requests_and_engine_goes_on(tiny, mo
     prompts = _prompts(V, 6, seed=5)
     sp = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
     engine = _engine(tiny)
-    free0 = engine.kv.num_free_blocks
+    free0 = engine.kv_cache_manager.num_free_blocks
     for i in range(3):
         engine.add_request(i, prompts[i], sp)
     first = engine.step()                                   # prefill of all three
     assert [o.finish_reason for o in first] == [None] * 3
-    real = engine.runner.execute
 
-    def boom(chunks):
+    def boom(*args, **kwargs):          # the runner's one forward fails (a device fault)
         raise RuntimeError("injected device fault")
-    monkeypatch.setattr(engine.runner, "execute", boom)
+    monkeypatch.setattr(tiny, "forward", boom)
     failed = engine.step()
     assert sorted(o.request_id for o in failed) == [0, 1, 2]
     assert all(o.finish_reason == "error" and "injected device fault" in o.error for o in failed)
-    assert not engine.has_unfinished() and engine.kv.num_free_blocks == free0
+    assert not engine.has_unfinished() and engine.kv_cache_manager.num_free_blocks == free0
     # usable again: new requests (one sharing a prompt, so the prefix cache is involved) come
     # out exactly as on a fresh engine
-    monkeypatch.setattr(engine.runner, "execute", real)
+    monkeypatch.undo()
     later = [(10 + i, prompts[i], sp) for i in (0, 3, 4, 5)]
     outs = replay_by_steps(engine, [(0, rid, p, s) for rid, p, s in later])
     fresh = _run(tiny, later)

@@ -69,12 +69,12 @@ def test_stream_closed_early_frees_memory_and_the_next_call_is_clean(tiny):
     sp = _greedy(12)
     full = "".join(llm.stream("abcdefg", sp))
     engine = llm.engine
-    total = engine.kv.num_free_blocks
+    total = engine.kv_cache_manager.num_free_blocks
     stream = llm.stream("abcdefg", sp)
     assert next(stream) == full[0]
     stream.close()                                             # the reader walks away
     assert engine.unfinished_ids == []
-    assert engine.kv.used_tokens() == 0 and engine.kv.num_free_blocks == total
+    assert engine.kv_cache_manager.used_tokens() == 0 and engine.kv_cache_manager.num_free_blocks == total
     # a stream left half-read is aborted by the next call, which is not disturbed by it...
     stream = llm.stream("abcdefg", sp)
     assert next(stream) == full[0]
@@ -83,4 +83,4 @@ def test_stream_closed_early_frees_memory_and_the_next_call_is_clean(tiny):
     # ...and the stream says so instead of ending as if it were complete
     with pytest.raises(RequestFailed, match="stream aborted"):
         list(stream)
-    assert engine.kv.used_tokens() == 0
+    assert engine.kv_cache_manager.used_tokens() == 0

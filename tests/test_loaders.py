@@ -93,7 +93,7 @@ def test_hf_dir_matches_transformers(tmp_path, arch, tie, shard):
     ids = _ids(config.vocab_size)
     with torch.no_grad():
         theirs = hf(ids).logits
-    ours = _model(config, state)(ids)
+    ours = _model(config, state).run(ids)
     diff = (ours - theirs).abs().max().item()
     print(f"{arch} tie={tie} shard={shard}: max |logit diff| {diff:.2e}")
     assert diff <= 1e-4
@@ -122,12 +122,12 @@ def test_hf_llama3_rope_scaling_matches_transformers(tmp_path):
     ids = _ids(config.vocab_size, length=48)
     with torch.no_grad():
         theirs = hf(ids).logits
-    ours = _model(config, state)(ids)
+    ours = _model(config, state).run(ids)
     diff = (ours - theirs).abs().max().item()
     print(f"llama3 rope: max |logit diff| {diff:.2e}")
     assert diff <= 1e-4
     # ... and the scaling matters at these positions (else the test would prove nothing)
-    plain = _model(dataclasses.replace(config, rope_scaling=None), state)(ids)
+    plain = _model(dataclasses.replace(config, rope_scaling=None), state).run(ids)
     assert (plain - theirs).abs().max().item() > 1e-3
 
 
@@ -144,7 +144,7 @@ def test_hf_config_legacy_rope_scaling_key(tmp_path):
     ids = _ids(config.vocab_size, length=48)
     with torch.no_grad():
         theirs = hf(ids).logits
-    assert (_model(config, state)(ids) - theirs).abs().max().item() <= 1e-4
+    assert (_model(config, state).run(ids) - theirs).abs().max().item() <= 1e-4
 
 
 def _tokenizer_available():
@@ -167,7 +167,7 @@ def test_load_model_hf_dir(tmp_path):
     ids = torch.tensor([tok.encode("The capital of France is Paris.")])
     with torch.no_grad():
         theirs = hf(ids).logits
-    assert (model(ids) - theirs).abs().max().item() <= 1e-4
+    assert (model.run(ids) - theirs).abs().max().item() <= 1e-4
     assert model.packed_weights == {}
     assert model.source == str(d)
 
@@ -232,8 +232,8 @@ def test_gguf_roundtrip(tmp_path, qtype):
 
     # the model built from them computes what a model of the expected weights computes
     ids = _ids(c.vocab_size)
-    ours = _model(config, state)(ids)
-    ref = _model(c, expected)(ids)
+    ours = _model(config, state).run(ids)
+    ref = _model(c, expected).run(ids)
     assert (ours - ref).abs().max().item() <= 1e-5
 
     # packed block tensors: every matrix, in file encoding, rows consistent with the state dict
@@ -281,7 +281,7 @@ def test_gguf_qk_permutation_matches_transformers(tmp_path):
     ids = _ids(c.vocab_size)
     with torch.no_grad():
         theirs = hf(ids).logits
-    assert (_model(config, loaded)(ids) - theirs).abs().max().item() <= 1e-4
+    assert (_model(config, loaded).run(ids) - theirs).abs().max().item() <= 1e-4
 
 
 @needs_gguf
@@ -328,8 +328,8 @@ def test_load_model_gguf(tmp_path):
     path = F.write_gguf(tmp_path / "tiny.gguf", c, orig, "Q4_1")
     model, tok = load_model(str(path), device="cpu", dtype=torch.float32)
     ids = torch.tensor([tok.encode("The capital of France is Paris.")])
-    ref = _model(c, F.gguf_expected_state(c, orig, "Q4_1"))(ids)
-    assert (model(ids) - ref).abs().max().item() <= 1e-5
+    ref = _model(c, F.gguf_expected_state(c, orig, "Q4_1")).run(ids)
+    assert (model.run(ids) - ref).abs().max().item() <= 1e-5
     assert set(model.packed_weights) == {k for k, v in orig.items() if v.dim() == 2}
     assert torch.equal(model.packed_weights["layers.1.attn.wk.weight"].dequantize(),
                        model.layers[1].attn.wk.weight)

@@ -20,9 +20,9 @@ def tiny():
 
 def test_cache_steps_equal_full_recompute(tiny):
     ids = torch.randint(0, 97, (3, 11))
-    full = tiny(ids)
+    full = tiny.run(ids)
     cache = KVCache(tiny.config, 3, 16)
-    parts = [tiny(ids[:, :5], cache), tiny(ids[:, 5:6], cache), tiny(ids[:, 6:], cache)]
+    parts = [tiny.run(ids[:, :5], cache), tiny.run(ids[:, 5:6], cache), tiny.run(ids[:, 6:], cache)]
     assert torch.allclose(torch.cat(parts, 1), full, atol=1e-5, rtol=1e-5)
     assert cache.lengths.tolist() == [11, 11, 11]
 
@@ -31,11 +31,11 @@ def test_right_padded_rows_equal_rows_alone(tiny):
     lens = [9, 3, 6]
     ids = torch.randint(0, 97, (3, 9))
     cache = KVCache(tiny.config, 3, 12)
-    last = tiny(ids, cache, num_new=torch.tensor(lens), last_only=True)[:, 0]
+    last = tiny.run(ids, cache, num_new=torch.tensor(lens), last_only=True)[:, 0]
     nxt = torch.randint(0, 97, (3, 1))
-    step = tiny(nxt, cache, last_only=True)[:, 0]
+    step = tiny.run(nxt, cache, last_only=True)[:, 0]
     for b, n in enumerate(lens):
-        alone = tiny(torch.cat([ids[b:b + 1, :n], nxt[b:b + 1]], 1))
+        alone = tiny.run(torch.cat([ids[b:b + 1, :n], nxt[b:b + 1]], 1))
         assert torch.allclose(last[b], alone[0, n - 1], atol=1e-5)
         assert torch.allclose(step[b], alone[0, n], atol=1e-5)
     assert cache.lengths.tolist() == [10, 4, 7]
@@ -44,9 +44,9 @@ def test_right_padded_rows_equal_rows_alone(tiny):
 def test_rows_with_zero_new_tokens_are_untouched(tiny):
     ids = torch.randint(0, 97, (2, 4))
     cache = KVCache(tiny.config, 2, 8)
-    tiny(ids, cache)
+    tiny.run(ids, cache)
     k_before = [k[1].clone() for k in cache.k]
-    tiny(torch.randint(0, 97, (2, 1)), cache, num_new=torch.tensor([1, 0]))
+    tiny.run(torch.randint(0, 97, (2, 1)), cache, num_new=torch.tensor([1, 0]))
     assert cache.lengths.tolist() == [5, 4]
     assert all(torch.equal(k[1], kb) for k, kb in zip(cache.k, k_before))
 
@@ -54,11 +54,11 @@ def test_rows_with_zero_new_tokens_are_untouched(tiny):
 def test_truncate_then_rewrite_equals_fresh_decode(tiny):
     ids = torch.randint(0, 97, (1, 8))
     cache = KVCache(tiny.config, 1, 8)
-    tiny(ids[:, :6], cache)
-    tiny(torch.randint(0, 97, (1, 2)), cache)          # tokens that get "rejected"
+    tiny.run(ids[:, :6], cache)
+    tiny.run(torch.randint(0, 97, (1, 2)), cache)          # tokens that get "rejected"
     cache.truncate([6])
-    out = tiny(ids[:, 6:], cache)
-    assert torch.allclose(out, tiny(ids)[:, 6:], atol=1e-5)
+    out = tiny.run(ids[:, 6:], cache)
+    assert torch.allclose(out, tiny.run(ids)[:, 6:], atol=1e-5)
     with pytest.raises(ValueError, match="truncate"):
         cache.truncate([9])
 
@@ -66,11 +66,11 @@ def test_truncate_then_rewrite_equals_fresh_decode(tiny):
 def test_bad_inputs(tiny):
     cache = KVCache(tiny.config, 1, 4)
     with pytest.raises(ValueError, match="holds 4 tokens"):
-        tiny(torch.zeros(1, 5, dtype=torch.long), cache)
+        tiny.run(torch.zeros(1, 5, dtype=torch.long), cache)
     with pytest.raises(ValueError, match="token ids"):
-        tiny(torch.tensor([[97]]))
+        tiny.run(torch.tensor([[97]]))
     with pytest.raises(ValueError, match=r"\[batch, seq\]"):
-        tiny(torch.tensor([1, 2]))
+        tiny.run(torch.tensor([1, 2]))
     with pytest.raises(WeightsError, match="missing tensors"):
         tiny.load_weights({})
     sd = {n: p.clone() for n, p in tiny.named_parameters()}
@@ -82,11 +82,11 @@ def test_bad_inputs(tiny):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_precision_close_to_fp32(tiny, dtype):
     ids = torch.randint(0, 97, (1, 7))
-    ref = tiny(ids)
+    ref = tiny.run(ids)
     half = Transformer(tiny.config).eval()
     half.load_weights(dict(tiny.named_parameters()))
     half.to(dtype)
-    out = half(ids).float()
+    out = half.run(ids).float()
     err = (out - ref).abs().max() / ref.abs().max()
     print(f"{dtype}: max relative logit error {err:.3e}")
     assert err < 0.05
@@ -95,10 +95,10 @@ def test_half_precision_close_to_fp32(tiny, dtype):
 def test_static_decode_step_equals_forward(tiny):
     ids = torch.randint(0, 97, (2, 6))
     a, b = KVCache(tiny.config, 2, 10), KVCache(tiny.config, 2, 10)
-    tiny(ids[:, :4], a)
-    tiny(ids[:, :4], b)
+    tiny.run(ids[:, :4], a)
+    tiny.run(ids[:, :4], b)
     for t in (4, 5):
-        want = tiny(ids[:, t:t + 1], a)
+        want = tiny.run(ids[:, t:t + 1], a)
         got = tiny.decode_step(ids[:, t:t + 1], b)
         assert torch.allclose(got, want, atol=1e-5)
     assert b.lengths.tolist() == [6, 6]
@@ -133,9 +133,9 @@ def test_triton_backend_model_matches_reference():
     outs = []
     for m in (ref, tri):
         cache = KVCache(cfg, 2, 16, device=dev)
-        steps = [m(ids, cache, num_new=num_new, last_only=True)]
+        steps = [m.run(ids, cache, num_new=num_new, last_only=True)]
         for t in range(3):
-            steps.append(m(ids[:, t:t + 1], cache))
+            steps.append(m.run(ids[:, t:t + 1], cache))
         steps.append(m.decode_step(ids[:, :1], cache))
         outs.append(torch.cat(steps, 1))
     err = (outs[0] - outs[1]).abs().max().item()

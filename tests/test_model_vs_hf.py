@@ -23,7 +23,7 @@ def test_logits_match_transformers(smollm2, hf_smollm2, text):
     model, _ = smollm2
     hf_model, hf_tok = hf_smollm2
     ids = torch.tensor([hf_tok(text).input_ids])
-    ours = model(ids)
+    ours = model.run(ids)
     theirs = hf_model(ids).logits
     diff = (ours - theirs).abs().max().item()
     print(f"max |logit diff| = {diff:.2e} over {ids.shape[1]} tokens")
@@ -61,11 +61,11 @@ def test_chatml_france_answer_is_paris(smollm2):
 def test_cache_logits_equal_no_cache_logits_at_every_position(smollm2):
     model, tok = smollm2
     ids = torch.tensor([tok.encode(PROMPTS[2])])
-    full = model(ids)                                   # no cache: whole prefix at once
+    full = model.run(ids)                                   # no cache: whole prefix at once
     cache = KVCache(model.config, 1, 64, dtype=model.dtype)
-    steps = [model(ids[:, :3], cache)]                  # prefill 3, then one token at a time
+    steps = [model.run(ids[:, :3], cache)]                  # prefill 3, then one token at a time
     for t in range(3, ids.shape[1]):
-        steps.append(model(ids[:, t:t + 1], cache))
+        steps.append(model.run(ids[:, t:t + 1], cache))
     stepped = torch.cat(steps, dim=1)
     diff = (stepped - full).abs().max().item()
     print(f"cache vs no-cache max diff {diff:.2e}")

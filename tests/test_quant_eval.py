@@ -47,7 +47,7 @@ def test_perplexity_equals_direct_cross_entropy():
     """One window covering the text: exp(mean CE of next-token predictions)."""
     m = tiny_model()
     ids = ids_of(40)
-    logits = m(ids[None])[0]
+    logits = m.run(ids[None])[0]
     want = math.exp(float(Fn.cross_entropy(logits[:-1], ids[1:])))
     assert perplexity(m, ids, window=64)["ppl"] == pytest.approx(want, rel=1e-5)
     # shorter windows: less context, the same tokens scored once each
@@ -68,7 +68,7 @@ def _direct_nll(model, ids, window, stride):
             k += 1
         b = k * stride
         assert b < t and t - b < window          # at least one token of context, within a window
-        logits = model(ids[b:t][None])[0, -1]
+        logits = model.run(ids[b:t][None])[0, -1]
         nll.append(float(Fn.cross_entropy(logits[None], ids[t:t + 1])))
     return nll
 
@@ -132,7 +132,7 @@ def test_layer_errors_match_the_activations():
     hooks = [m.get_submodule(n).register_forward_pre_hook(
         lambda mod, a, n=n: captured.setdefault(n, []).append(a[0].reshape(-1, a[0].shape[-1])))
         for n in names]
-    m(ids, last_only=True)
+    m.run(ids, last_only=True)
     for h in hooks:
         h.remove()
     errs = layer_errors(m, q, input_grams(m, ids, names, batch_size=2))

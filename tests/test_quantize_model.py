@@ -71,7 +71,7 @@ def test_every_linear_is_replaced_and_equals_its_dequantized_twin(tiny, ids, met
     # The quantized forward is dequantize-then-linear: equal to a dense model holding the
     # dequantized weights, up to fp32 rounding of identical arithmetic.
     twin = dense_twin(tiny, q)
-    out, want = q(ids), twin(ids)
+    out, want = q.run(ids), twin.run(ids)
     assert torch.allclose(out, want, rtol=1e-5, atol=1e-5), (out - want).abs().max()
 
 
@@ -106,7 +106,7 @@ def test_logit_error_tracks_weight_error(tiny, ids):
     """End to end: the relative logit error stays within a small multiple of the relative
     weight error (a random 2-layer model amplifies it by about 3 here: measured, not proven;
     the proven per-layer bound is the test above), and finer grids give smaller errors."""
-    ref = tiny(ids)
+    ref = tiny.run(ids)
     rel = {}
     for (method, kw), name in zip(CASES, IDS):
         q = quantize_model(copy.deepcopy(tiny), method, **kw)
@@ -114,7 +114,7 @@ def test_logit_error_tracks_weight_error(tiny, ids):
                   for n, lin in quantizable_linears(tiny).items())
         den = sum(lin.weight.pow(2).sum() for lin in quantizable_linears(tiny).values())
         w_rel = (num / den).sqrt().item()
-        rel[name] = ((q(ids) - ref).norm() / ref.norm()).item()
+        rel[name] = ((q.run(ids) - ref).norm() / ref.norm()).item()
         assert rel[name] < 5 * w_rel, (name, rel[name], w_rel)
     assert rel["int8"] < 0.05 and rel["int8"] < rel["int4-g32"] / 5
     assert rel["int4-g32"] < rel["int4-g128"]
@@ -125,7 +125,7 @@ def test_tied_head_stays_tied_for_weight_formats(ids):
     q = quantize_model(copy.deepcopy(m), "int4", group_size=32)
     assert q.lm_head is None and q.quantization["lm_head"] is False
     assert q.lm_head_weight is q.embed.weight and q.embed.weight.dtype == torch.float32
-    assert torch.allclose(q(ids), dense_twin(m, q)(ids), rtol=1e-5, atol=1e-5)
+    assert torch.allclose(q.run(ids), dense_twin(m, q).run(ids), rtol=1e-5, atol=1e-5)
 
 
 def test_bf16_model_keeps_fp16_scales(ids):
@@ -135,9 +135,9 @@ def test_bf16_model_keeps_fp16_scales(ids):
     assert qt.scales.dtype == torch.float16 and q.layers[0].attn.wq.weight.dtype == torch.bfloat16
     q.to(torch.float32).to(torch.bfloat16)                  # casts must not touch the scales
     assert torch.equal(q.layers[0].attn.wq.qt.scales, qt.scales)
-    out = q(ids)
+    out = q.run(ids)
     assert out.dtype == torch.bfloat16
-    assert torch.allclose(out.float(), dense_twin(m, q)(ids).float(), rtol=0.05, atol=0.05)
+    assert torch.allclose(out.float(), dense_twin(m, q).run(ids).float(), rtol=0.05, atol=0.05)
 
 
 # ---- gguf: the file's own blocks ---------------------------------------------------------------
@@ -148,7 +148,7 @@ def test_gguf_runs_the_file_blocks(tmp_path, qtype, tie):
     path = fx.write_gguf(tmp_path / f"t-{qtype}.gguf", c, fx.random_state(c), qtype)
     model, _ = load_model(path, device="cpu", dtype=torch.float32)
     ids = torch.randint(0, c.vocab_size, (1, 9), generator=torch.Generator().manual_seed(0))
-    want = model(ids)
+    want = model.run(ids)
     q = quantize_model(copy.deepcopy(model), "gguf")
     assert all(isinstance(q.get_submodule(n), QuantLinear) for n in quantizable_linears(model))
     head = q.lm_head                  # untied: output.weight's blocks; tied: the embedding's
@@ -156,7 +156,7 @@ def test_gguf_runs_the_file_blocks(tmp_path, qtype, tie):
     src = "embed.weight" if tie else "lm_head.weight"
     assert head.qt.nbytes == model.packed_weights[src].nbytes
     # The model already held exactly these blocks, decoded: the logits do not change at all.
-    assert torch.equal(q(ids), want)
+    assert torch.equal(q.run(ids), want)
 
 
 def test_gguf_needs_a_model_loaded_from_gguf_blocks(tiny, tmp_path):
@@ -215,7 +215,7 @@ def test_registered_methods(tiny, ids):
             register_method("test-int4-g64", lambda w, **kw: None)
         q = quantize_model(copy.deepcopy(tiny), "test-int4-g64")
         assert q.layers[1].mlp.w_down.qt.group_size == 64
-        assert torch.allclose(q(ids), dense_twin(tiny, q)(ids), rtol=1e-5, atol=1e-5)
+        assert torch.allclose(q.run(ids), dense_twin(tiny, q).run(ids), rtol=1e-5, atol=1e-5)
         register_method("test-partial", lambda model, targets, **kw: {}, model_level=True)
         m = copy.deepcopy(tiny)
         with pytest.raises(ValueError, match="did not quantize"):
@@ -288,7 +288,7 @@ def test_smollm2_gguf_logits_equal_the_dequantized_model(smollm2):
     the tied head from the Q8_0 embedding) must not change a single logit."""
     model, tok = smollm2
     ids = torch.tensor([tok.encode("The capital of France is")])
-    want = model(ids)
+    want = model.run(ids)
     q = quantize_model(copy.deepcopy(model), "gguf")
     assert q.lm_head.qt.qtype == "Q8_0" and q.quantization["layers"] == 211
-    assert torch.equal(q(ids), want)
+    assert torch.equal(q.run(ids), want)

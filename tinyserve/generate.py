@@ -123,7 +123,7 @@ def decode_loop(model, prompts: Sequence[Sequence[int]], params: Sequence[Sampli
         ids[b, :len(r.prompt)] = torch.tensor(r.prompt)
     num_new = torch.tensor([len(r.prompt) for r in rows], device=dev)
     t0 = time.perf_counter()
-    logits = model(ids.to(dev), cache, num_new=num_new, last_only=True)[:, 0]
+    logits = model.run(ids.to(dev), cache, num_new=num_new, last_only=True)[:, 0]
     if dev.type == "cuda":  # kernels run asynchronously: wait before reading the clock
         torch.cuda.synchronize()
     t_prefill = time.perf_counter() - t0
@@ -144,7 +144,7 @@ def decode_loop(model, prompts: Sequence[Sequence[int]], params: Sequence[Sampli
             break
         # Finished rows ride along with num_new = 0: nothing of theirs is written or read.
         step_ids = torch.tensor([[r.out[-1]] for r in rows], device=dev)
-        logits = model(step_ids, cache, num_new=live.long(), last_only=True)[:, 0]
+        logits = model.run(step_ids, cache, num_new=live.long(), last_only=True)[:, 0]
     if stats is not None:
         if dev.type == "cuda":
             torch.cuda.synchronize()
@@ -186,7 +186,7 @@ def benchmark_decode(model, input_ids: torch.Tensor, max_new_tokens: int,
     cache = KVCache(model.config, B, T + N + warmup, dtype=model.dtype, device=dev)
     tokens = torch.empty(B, N, dtype=torch.long, device=dev)
     t0 = clock(dev)
-    logits = model(input_ids.to(dev), cache, last_only=True)
+    logits = model.run(input_ids.to(dev), cache, last_only=True)
     tokens[:, 0] = logits[:, 0].argmax(-1)
     t1 = clock(dev)
     step = GraphedDecodeStep(model, cache, warmup) if use_graph else (

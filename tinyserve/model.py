@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from . import ops
+from .attention import AttentionMetadata, ContiguousBackend
 from .config import ModelConfig
 from .kv_cache import KVCache
 
@@ -56,36 +57,16 @@ class Attention(nn.Module):
         self.wv = Linear(c.hidden_size, c.num_kv_heads * c.head_dim, c.attention_bias)
         self.wo = Linear(c.num_heads * c.head_dim, c.hidden_size)
 
-    def forward(self, x, cos, sin, positions, valid, layer, cache: KVCache | None, backend,
-                batch=None):
+    def forward(self, x, cos, sin, kv_cache, attn_metadata: AttentionMetadata, backend):
+        """x [B, T, hidden] -> [B, T, hidden]. Where k/v are stored and which keys each query
+        reads is the attention backend's business (``attn_metadata.backend``), not the model's."""
         B, T, _ = x.shape
         c = self.c
         q = self.wq(x, backend).view(B, T, c.num_heads, c.head_dim).transpose(1, 2)
         k = self.wk(x, backend).view(B, T, c.num_kv_heads, c.head_dim).transpose(1, 2)
         v = self.wv(x, backend).view(B, T, c.num_kv_heads, c.head_dim).transpose(1, 2)
         q, k = ops.apply_rope(q, k, cos, sin, backend=backend)
-        if batch is not None:
-            # Packed step of the engine: B == 1 and the T tokens belong to many sequences.
-            # The KV store (``cache``) writes k/v where each sequence keeps them and runs
-            # every sequence's attention: q [N, Hq, D], k/v [N, Hkv, D] -> o [N, Hq, D].
-            o = cache.attend(layer, q[0].transpose(0, 1), k[0].transpose(0, 1),
-                             v[0].transpose(0, 1), batch)
-            return self.wo(o.reshape(B, T, -1), backend)
-        if cache is None:  # no-cache baseline: the keys are exactly this call's tokens
-            kv_len = valid.sum(1)
-        elif valid is None:
-            # Static decode step (CUDA-graph capturable): one token per row, every row live,
-            # no host synchronisation. Attend over the whole preallocated cache; the kernel
-            # (or the mask) stops at kv_len, which lives on the device.
-            cache.write_at(layer, k, v, positions[:, 0])
-            kv_len = cache.lengths + 1
-            k, v = cache.k[layer], cache.v[layer]
-        else:
-            cache.write(layer, k, v, positions, valid)
-            kv_len = cache.lengths + valid.sum(1)
-            S = int(kv_len.max())  # attend over the live prefix only, not all of max_seq_len
-            k, v = cache.k[layer][:, :, :S], cache.v[layer][:, :, :S]
-        o = ops.attention(q, k, v, positions, kv_len, backend=backend)     # [B, Hq, T, D]
+        o = attn_metadata.backend.forward(q, k, v, kv_cache, attn_metadata)   # [B, Hq, T, D]
         return self.wo(o.transpose(1, 2).reshape(B, T, -1), backend)
 
 
@@ -167,13 +148,13 @@ class Transformer(nn.Module):
         return self.embed.weight.dtype
 
     # ---- forward -------------------------------------------------------------------------
-    def _layers(self, x, cos, sin, positions, valid, cache, be, batch=None):
+    def _layers(self, x, cos, sin, kv_caches, meta):
         """The decoder stack with the residual add fused into each RMSNorm:
         h is the residual stream, ``normed`` the input of the next sub-block."""
-        h = x
+        be, h = self.backend, x
         normed = self.layers[0].attn_norm(h, be)
         for i, blk in enumerate(self.layers):
-            a = blk.attn(normed, cos, sin, positions, valid, i, cache, be, batch)
+            a = blk.attn(normed, cos, sin, None if kv_caches is None else kv_caches[i], meta, be)
             normed, h = blk.mlp_norm(a, be, residual=h)                      # h += attn
             m = blk.mlp(normed, be)
             nxt = self.layers[i + 1].attn_norm if i + 1 < len(self.layers) else self.norm
@@ -181,75 +162,77 @@ class Transformer(nn.Module):
         return normed  # already through the final norm
 
     @torch.no_grad()
-    def forward_packed(self, input_ids: torch.Tensor, positions: torch.Tensor, kv, batch,
-                       logits_index: torch.Tensor) -> torch.Tensor:
-        """One engine step, no padding: input_ids, positions [N] -> logits [M, V].
-
-        The N tokens are the concatenated new tokens of every scheduled sequence (a decode
-        adds 1, a prefill chunk its length), viewed as one [1, N] row so every linear layer
-        runs once on all of them. Attention is the only per-sequence op: ``kv.attend`` (a KV
-        store from ``tinyserve.engine``, already ``prepare``d for ``batch``) does it. Only the
-        rows in ``logits_index`` [M] (each sampled sequence's last token) reach the LM head.
-        """
-        pos = positions[None]                                               # [1, N]
-        cos, sin = ops.rope_cos_sin(pos, self.inv_freq)
-        x = self._layers(self.embed(input_ids)[None], cos, sin, pos, None, kv, self.backend,
-                         batch)
-        return self._head(x[0, logits_index])
-
-    @torch.no_grad()
-    def decode_step(self, input_ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        """One token per row for every row: [B, 1] -> logits [B, 1, V]; appends to ``cache``.
-
-        Unlike ``forward`` it checks nothing on the host and has fixed shapes (attention spans
-        the whole preallocated cache, masked by the lengths on the device), so it can be
-        captured once in a CUDA graph and replayed per token. The caller guarantees room.
-        """
-        positions = cache.lengths[:, None]                                  # [B, 1]
-        cos, sin = ops.rope_cos_sin(positions, self.inv_freq)
-        x = self._layers(self.embed(input_ids), cos, sin, positions, None, cache, self.backend)
-        cache.lengths += 1
-        return self._head(x)
-
-    @torch.no_grad()
-    def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None,
-                num_new: torch.Tensor | None = None, last_only: bool = False,
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches,
+                attn_metadata: AttentionMetadata, logits_index: torch.Tensor | None = None,
                 return_hidden: bool = False):
-        """input_ids: [B, T] -> logits [B, T, V] (or [B, 1, V] with ``last_only``).
+        """The one forward: input_ids, positions [B, T] -> logits [B, T, V].
+
+        ``kv_caches``: one (K, V) per layer in ``attn_metadata.backend``'s layout, or None (no
+        cache); the metadata says where this step's k/v go and what each query reads. The
+        engine packs the new tokens of many sequences into one row (B = 1, T = N), so every
+        linear layer runs once on all of them; ``Transformer.run`` feeds [B, T] batches
+        against a contiguous ``KVCache``. ``logits_index`` [M] (indices into the B * T
+        tokens) -> logits [M, V] of those tokens only, which is all sampling needs and saves
+        the rest of the [T, D] x [D, V] LM-head matmul. ``return_hidden`` -> (logits, hidden
+        [B, T, D]): every token's final hidden state (after the final norm, what the LM head
+        reads); speculative decoding's draft heads are trained on and fed these.
+        """
+        cos, sin = ops.rope_cos_sin(positions, self.inv_freq)
+        hidden = self._layers(self.embed(input_ids), cos, sin, kv_caches, attn_metadata)
+        x = hidden if logits_index is None else hidden.flatten(0, 1)[logits_index]
+        logits = self._head(x)
+        return (logits, hidden) if return_hidden else logits
+
+    # ---- the contiguous-cache front door ---------------------------------------------------
+    @torch.no_grad()
+    def run(self, input_ids: torch.Tensor, cache: KVCache | None = None,
+            num_new: torch.Tensor | None = None, last_only: bool = False,
+            return_hidden: bool = False):
+        """input_ids: [B, T] -> logits [B, T, V] (or [B, 1, V] with ``last_only``), through
+        ``forward`` with a ``ContiguousBackend``.
 
         Without a cache, the T tokens are the whole sequence (the recompute-everything
         baseline). With one, they continue each row after ``cache.lengths[b]`` tokens and are
         appended to it. ``num_new[b] <= T`` says how many of row b's tokens are real (the rest
-        is right padding); ``last_only`` keeps only the logits of each row's last real token,
-        which is all generation needs and saves the [T, D] x [D, V] LM-head matmul.
-        ``return_hidden`` -> (logits, hidden): hidden [B, T, D] is every position's final
-        hidden state (after the final norm, what the LM head reads), even with ``last_only``;
-        speculative decoding's draft heads are trained on and fed these.
+        is right padding); ``last_only`` keeps only the logits of each row's last real token.
+        ``return_hidden`` -> (logits, hidden [B, T, D]), hidden for every position.
         """
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
         B, T = input_ids.shape
         dev = self.device
         input_ids = input_ids.to(dev)
-        if num_new is None:
-            num_new = torch.full((B,), T, dtype=torch.long, device=dev)
-        num_new = num_new.to(dev)
+        num_new = (torch.full((B,), T, dtype=torch.long, device=dev) if num_new is None
+                   else num_new.to(dev))
         if (input_ids < 0).any() or (input_ids >= self.config.vocab_size).any():
             raise ValueError(f"token ids must be in [0, {self.config.vocab_size})")
-        start = cache.lengths if cache is not None else torch.zeros_like(num_new)
-        if cache is not None:
+        attn = ContiguousBackend(self.backend)
+        if cache is None:
+            meta = attn.no_cache(num_new, T)
+        else:
             if cache.batch_size != B:
                 raise ValueError(f"cache batch {cache.batch_size} != input batch {B}")
             cache.check_room(num_new)
-        t = torch.arange(T, device=dev)
-        positions = start[:, None] + t                                      # [B, T]
-        valid = t[None, :] < num_new[:, None]                              # [B, T]
-        cos, sin = ops.rope_cos_sin(positions, self.inv_freq)
-
-        x = self._layers(self.embed(input_ids), cos, sin, positions, valid, cache, self.backend)
+            meta = attn.batch(cache.lengths, num_new, T)
+        index = (torch.arange(B, device=dev) * T + (num_new - 1).clamp(min=0)
+                 if last_only else None)
+        out = self.forward(input_ids, meta.positions, None if cache is None else cache.layers,
+                           meta, index, return_hidden)
         if cache is not None:
             cache.lengths += num_new
-        hidden = x
         if last_only:
-            x = x[torch.arange(B, device=dev), (num_new - 1).clamp(min=0)][:, None]
-        return (self._head(x), hidden) if return_hidden else self._head(x)
+            out = (out[0][:, None], out[1]) if return_hidden else out[:, None]
+        return out
+
+    @torch.no_grad()
+    def decode_step(self, input_ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """One token per row for every row: [B, 1] -> logits [B, 1, V]; appends to ``cache``.
+
+        Unlike ``run`` it checks nothing on the host and has fixed shapes (attention spans the
+        whole preallocated cache, masked by the lengths on the device), so it can be captured
+        once in a CUDA graph and replayed per token. The caller guarantees room.
+        """
+        meta = ContiguousBackend(self.backend).decode(cache.lengths)
+        logits = self.forward(input_ids, meta.positions, cache.layers, meta)
+        cache.lengths += 1
+        return logits

@@ -1,7 +1,7 @@
 """Sampling: turning next-token logits into token ids.
 
-``SamplingParams`` mirrors the subset of vLLM's offline API that tinyserve
-supports.  The logit processors below are pure functions on a batch of logits
+``SamplingParams`` (``sampling_params.py``) mirrors the subset of vLLM's offline
+API that tinyserve supports.  The logit processors below are pure functions on a batch of logits
 ``[B, V]``; each per-row parameter may be a Python number (same for every row)
 or a tensor of shape ``[B]`` (one value per row), so a batch of requests with
 different settings is processed in one vectorized pass.
@@ -19,11 +19,11 @@ probability.
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, field
-from typing import Callable, Sequence, Union
+from typing import Sequence, Union
 
 import torch
+
+from .sampling_params import SamplingParams
 
 __all__ = [
     "SamplingParams",
@@ -38,8 +38,6 @@ __all__ = [
 ]
 
 RowParam = Union[float, int, Sequence[float], torch.Tensor]
-# vLLM's signature: (the request's output token ids so far, its next-token logits [V]) -> logits
-LogitsProcessor = Callable[[list, torch.Tensor], torch.Tensor]
 
 # Top-p and min-p compare float32 probabilities against a threshold.  A set of
 # tokens whose mass is exactly p in real arithmetic (e.g. 0.5 + 0.2 vs p = 0.7)
@@ -48,126 +46,6 @@ LogitsProcessor = Callable[[list, torch.Tensor], torch.Tensor]
 # distance of the threshold counts as reaching it.  It is far below any
 # probability difference that matters for sampling.
 _BOUNDARY_EPS = 1e-6
-
-
-# --------------------------------------------------------------------------- #
-# Parameters
-# --------------------------------------------------------------------------- #
-
-
-def _is_int(x: object) -> bool:
-    # bool is a subclass of int; `max_tokens=True` is a bug, not a 1.
-    return isinstance(x, int) and not isinstance(x, bool)
-
-
-def _is_real(x: object) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
-
-
-@dataclass
-class SamplingParams:
-    """Per-request sampling settings (a subset of ``vllm.SamplingParams``).
-
-    After construction the fields are normalised: ``top_k`` is ``-1`` when
-    disabled (``0`` is accepted as an alias), ``stop`` and ``stop_token_ids``
-    are always lists (possibly empty).
-
-    ``seed`` is not consumed here: the engine should create one generator per
-    request with :func:`make_generator` and keep it for the request's whole
-    lifetime.  Re-seeding at every step would repeat the same random draw at
-    each position.
-    """
-
-    n: int = 1
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = -1
-    min_p: float = 0.0
-    max_tokens: int = 16
-    stop: str | list[str] | None = None
-    stop_token_ids: list[int] | None = None
-    seed: int | None = None
-    ignore_eos: bool = False
-    logits_processors: list[LogitsProcessor] = field(default_factory=list)
-
-    def __post_init__(self) -> None:
-        if not _is_int(self.n) or self.n < 1:
-            raise ValueError(f"n must be an int >= 1, got {self.n!r}")
-
-        if not _is_real(self.temperature) or not math.isfinite(self.temperature) or self.temperature < 0:
-            raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature!r}")
-        self.temperature = float(self.temperature)
-
-        # Written as `not (0 < x <= 1)` so that NaN is rejected too.
-        if not _is_real(self.top_p) or not (0.0 < self.top_p <= 1.0):
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
-        self.top_p = float(self.top_p)
-
-        if not _is_int(self.top_k) or not (self.top_k in (-1, 0) or self.top_k >= 1):
-            raise ValueError(f"top_k must be -1 or 0 (disabled) or an int >= 1, got {self.top_k!r}")
-        if self.top_k == 0:
-            self.top_k = -1
-
-        if not _is_real(self.min_p) or not (0.0 <= self.min_p <= 1.0):
-            raise ValueError(f"min_p must be in [0, 1], got {self.min_p!r}")
-        self.min_p = float(self.min_p)
-
-        if not _is_int(self.max_tokens) or self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens!r}")
-
-        self.stop = self._normalise_stop(self.stop)
-        self.stop_token_ids = self._normalise_stop_token_ids(self.stop_token_ids)
-
-        if self.seed is not None and not _is_int(self.seed):
-            raise ValueError(f"seed must be an int or None, got {self.seed!r}")
-
-        if not isinstance(self.ignore_eos, bool):
-            raise ValueError(f"ignore_eos must be a bool, got {self.ignore_eos!r}")
-
-        procs = self.logits_processors
-        if procs is None:
-            procs = []
-        if not isinstance(procs, (list, tuple)) or not all(callable(f) for f in procs):
-            raise ValueError(f"logits_processors must be a list of callables "
-                             f"fn(output_token_ids, logits) -> logits, got {procs!r}")
-        self.logits_processors = list(procs)
-
-    @staticmethod
-    def _normalise_stop(stop: object) -> list[str]:
-        if stop is None:
-            return []
-        if isinstance(stop, str):
-            stop = [stop]
-        elif isinstance(stop, (list, tuple)):
-            stop = list(stop)
-        else:
-            raise ValueError(f"stop must be a str, a list of str or None, got {stop!r}")
-        for s in stop:
-            # An empty stop string would match at every position and end
-            # generation immediately; that is never what the caller meant.
-            if not isinstance(s, str) or not s:
-                raise ValueError(f"stop must contain only non-empty strings, got {s!r} in {stop!r}")
-        return stop
-
-    @staticmethod
-    def _normalise_stop_token_ids(ids: object) -> list[int]:
-        if ids is None:
-            return []
-        if not isinstance(ids, (list, tuple)):
-            raise ValueError(f"stop_token_ids must be a list of int or None, got {ids!r}")
-        for t in ids:
-            if not _is_int(t) or t < 0:
-                raise ValueError(f"stop_token_ids must contain only ints >= 0, got {t!r} in {ids!r}")
-        return list(ids)
-
-    @property
-    def is_greedy(self) -> bool:
-        return self.temperature == 0.0
-
-    @classmethod
-    def greedy(cls, max_tokens: int = 16, **kwargs) -> "SamplingParams":
-        """Deterministic argmax decoding (``temperature=0``)."""
-        return cls(temperature=0.0, max_tokens=max_tokens, **kwargs)
 
 
 # --------------------------------------------------------------------------- #

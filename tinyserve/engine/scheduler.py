@@ -42,12 +42,21 @@ already cached (a paged store's blocks of an identical earlier prefix); the sequ
 with those computed and only the rest is prefilled. Parallel sampling: a request of n samples
 is admitted as sample 0 with ``n - 1`` seats kept for its ``forks``, which join the running
 sequences (``fork``) once sample 0's prompt is computed.
+
+Ownership (vLLM's V1 split). The scheduler owns the ``KVCacheManager`` (who holds which
+blocks; no tensors) and every ``Sequence``'s state. ``schedule()`` returns a
+``SchedulerOutput`` (which sequences, how many tokens each, their block tables, the KV copies
+due first, which sequences sample from which logits row); the model runner turns it into one
+forward and returns a ``ModelRunnerOutput``; ``update_from_output`` then advances the state:
+tokens computed, forks, sampled tokens appended, stops checked, finished sequences freed.
+Nothing advances for a step that failed, so a failure never leaves the state half-moved.
 """
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from ..generate import append_token
 from .config import check_budgets
 from .sequence import Sequence, SequenceStatus
 
@@ -63,15 +72,43 @@ class ScheduledChunk:
         return self.seq.num_computed + self.num_tokens == self.seq.num_tokens
 
 
+@dataclass
+class SchedulerOutput:
+    """One step's plan, everything the model runner needs and nothing it may change."""
+    chunks: list[ScheduledChunk] = field(default_factory=list)   # in packing order
+    block_tables: list[list[int]] = field(default_factory=list)  # per chunk (a slot: [slot])
+    kv_copies: list = field(default_factory=list)     # due before the step writes any K/V
+    sampled: list[Sequence] = field(default_factory=list)        # who draws a token after it
+    sample_rows: list[int] = field(default_factory=list)  # each one's row among the sampling
+    #   chunks' logits (the n samples of a request draw from their prompt's one row)
+    forks: list[tuple[Sequence, Sequence]] = field(default_factory=list)  # (parent, child)
+
+    def __bool__(self) -> bool:
+        return bool(self.chunks)
+
+
+@dataclass
+class SequenceUpdate:
+    """What ``update_from_output`` did to one sequence."""
+    seq: Sequence
+    token_ids: list[int]            # the token appended (none for an error)
+    text_delta: str
+    error: str | None = None        # why it finished with "error"
+
+
 def wait_bound_steps(tokens_ahead: int, max_num_batched_tokens: int, decodes: int) -> int:
     """The no-starvation bound of the module docstring (a free slot assumed)."""
     return tokens_ahead // (max_num_batched_tokens - decodes) + 1
 
 
 class Scheduler:
-    def __init__(self, kv, max_num_seqs: int, max_num_batched_tokens: int):
+    """``kv_cache_manager``: a ``KVCacheManager`` or ``SlotKVCacheManager``; ``tokenizer``
+    (optional) detokenizes sampled tokens and enables stop strings."""
+
+    def __init__(self, kv_cache_manager, max_num_seqs: int, max_num_batched_tokens: int,
+                 tokenizer=None):
         check_budgets(max_num_seqs, max_num_batched_tokens)
-        self.kv = kv
+        self.kv_cache_manager, self.tokenizer = kv_cache_manager, tokenizer
         self.max_num_seqs, self.max_num_batched_tokens = max_num_seqs, max_num_batched_tokens
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []        # in admission order
@@ -82,9 +119,28 @@ class Scheduler:
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def schedule(self) -> list[ScheduledChunk]:
+    # ---- planning a step ---------------------------------------------------------------------
+    def schedule(self) -> SchedulerOutput:
+        chunks = self._chunks()
+        kv = self.kv_cache_manager
+        out = SchedulerOutput(chunks, [kv.block_table(c.seq) for c in chunks],
+                              kv.take_copies([c.seq for c in chunks]))
+        row = 0
+        for c in chunks:
+            if c.samples:
+                # A request's other samples start from sample 0's prompt K/V once it is
+                # computed, and draw their first token, each with its own generator, from
+                # the same logits row.
+                for s in [c.seq, *c.seq.forks]:
+                    out.sampled.append(s)
+                    out.sample_rows.append(row)
+                out.forks += [(c.seq, child) for child in c.seq.forks]
+                row += 1
+        return out
+
+    def _chunks(self) -> list[ScheduledChunk]:
         budget = self.max_num_batched_tokens
-        out = []
+        kv, out = self.kv_cache_manager, []
         queue = ([s for s in self.running if not s.in_prefill]        # decodes first
                  + [s for s in self.running if s.in_prefill])
         n_waiting = len(self.waiting)
@@ -93,22 +149,22 @@ class Scheduler:
             n = min(seq.num_pending, budget)
             if not self._make_room(seq, seq.num_computed + n, queue):
                 continue                                  # seq itself was preempted
-            self.kv.allocate(seq, seq.num_computed + n)   # the slot pool: already has room
+            kv.allocate(seq, seq.num_computed + n)        # the slot pool: already has room
             out.append(ScheduledChunk(seq, n))
             budget -= n
         # If memory ran short (someone was preempted back into the queue), admit nobody this
         # step: the preempted would come straight back and be preempted again.
-        admit = len(self.waiting) == n_waiting
+        admit = len(self.waiting) == n_waiting and self._may_admit()
         seats = len(self.running) + sum(len(s.forks) for s in self.running)   # forks to come
         while admit and self.waiting and budget > 0:
             seq = self.waiting[0]
             n = min(seq.num_pending, budget)
             if (seats + 1 + len(seq.forks) > self.max_num_seqs
-                    or not self.kv.can_allocate(seq, seq.num_computed + n)):
+                    or not kv.can_allocate(seq, seq.num_computed + n)):
                 break                                     # FCFS: nobody overtakes the head
             self.waiting.popleft()
-            # Nothing of a waiting sequence is computed; the store may hold a cached prefix.
-            seq.num_computed = self.kv.allocate(seq, seq.num_computed + n)
+            # Nothing of a waiting sequence is computed; the cache may hold a prefix of it.
+            seq.num_computed = kv.allocate(seq, seq.num_computed + n)
             if seq.metrics is not None and seq.metrics.cached_tokens is None:
                 seq.metrics.cached_tokens = seq.num_computed    # vLLM's num_cached_tokens
             n = min(seq.num_pending, budget)
@@ -119,11 +175,20 @@ class Scheduler:
             budget -= n
         return out
 
+    def _may_admit(self) -> bool:
+        """Iteration-level scheduling: a waiting request may join at any step."""
+        return True
+
+    @property
+    def seated(self) -> list[Sequence]:
+        """The sequences holding a seat (and KV memory) now, in admission order."""
+        return self.running
+
     def _make_room(self, seq: Sequence, num_tokens: int, queue: list) -> bool:
-        """A running ``seq`` must grow to ``num_tokens``: while the store says no, preempt the
+        """A running ``seq`` must grow to ``num_tokens``: while the cache says no, preempt the
         most recently admitted sequence not yet served this step (``seq`` itself if it is the
-        latest). -> False if ``seq`` was preempted. Never happens with the slot pool."""
-        while not self.kv.can_allocate(seq, num_tokens):
+        latest). -> False if ``seq`` was preempted. Never happens with slots."""
+        while not self.kv_cache_manager.can_allocate(seq, num_tokens):
             victim = max(queue + [seq], key=self.running.index)
             self.preempt(victim)
             if victim is seq:
@@ -131,27 +196,62 @@ class Scheduler:
             queue.remove(victim)
         return True
 
+    # ---- after the step ----------------------------------------------------------------------
+    def update_from_output(self, sched: SchedulerOutput, result) -> list[SequenceUpdate]:
+        """Advance the state by one step the runner finished (``result``: its
+        ``ModelRunnerOutput``). A step whose forward failed ends all its sequences (and the
+        samples waiting to fork from them) with "error"; a sequence whose sampling failed ends
+        alone. -> one update per sequence that moved, in ``sched.sampled`` order."""
+        if result.error is not None:
+            failed = [s for c in sched.chunks for s in [c.seq, *c.seq.forks]]
+            for c in sched.chunks:
+                c.seq.forks = []
+            return [self._fail(s, result.error) for s in failed]
+        kv = self.kv_cache_manager
+        for c in sched.chunks:
+            c.seq.num_computed += c.num_tokens
+            kv.mark_computed(c.seq)       # written now: its full blocks may be shared
+        for parent, child in sched.forks:
+            self.fork(parent, child)
+            parent.forks = []
+        updates = []
+        for seq, tok, err in zip(sched.sampled, result.token_ids, result.errors):
+            if err is not None:
+                updates.append(self._fail(seq, err))
+                continue
+            delta = append_token(seq, tok, self.tokenizer)
+            if seq.finish_reason is not None:
+                self.finish(seq, seq.finish_reason)       # its memory is free at once
+            updates.append(SequenceUpdate(seq, [tok], delta))
+        return updates
+
+    def _fail(self, seq: Sequence, message: str) -> SequenceUpdate:
+        self.finish(seq, "error")
+        seq.error = message
+        return SequenceUpdate(seq, [], "", message)
+
+    # ---- transitions -----------------------------------------------------------------------
     def preempt(self, seq: Sequence):
         """Running -> head of the queue, its KV memory freed: it will be recomputed (prompt +
         output so far re-prefilled) when admitted again, before anybody who came later."""
         self.running.remove(seq)
         seq.preempt()
-        self.kv.free(seq)
+        self.kv_cache_manager.free(seq)
         self.waiting.appendleft(seq)
 
     def fork(self, parent: Sequence, child: Sequence):
         """``child`` (a sample in ``parent.forks``, seat kept) starts running with the
-        parent's computed prompt: the store shares or copies its K/V."""
-        self.kv.fork(parent, child)
+        parent's computed prompt: the cache shares or copies its K/V."""
+        self.kv_cache_manager.fork(parent, child)
         child.num_computed = parent.num_computed
         child.admit()
         self.running.append(child)
 
     def finish(self, seq: Sequence, reason: str):
-        """Retire ``seq`` (finished or aborted) and free its KV memory at once."""
+        """Retire ``seq`` (finished, aborted or failed) and free its KV memory at once."""
         if seq.status is SequenceStatus.RUNNING:
             self.running.remove(seq)
         elif seq in self.waiting:         # not a sample still to be forked (in no queue)
             self.waiting.remove(seq)
         seq.finish(reason)
-        self.kv.free(seq)
+        self.kv_cache_manager.free(seq)

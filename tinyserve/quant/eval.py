@@ -102,7 +102,7 @@ def perplexity(model, ids: torch.Tensor, window: int = 512, stride: int | None =
         for j in range(0, len(ws), batch_size):
             part = ws[j:j + batch_size]
             x = torch.stack([ids[b:e] for b, e, _ in part]).to(dev)
-            logits = model(x)                                    # [B, T, V]
+            logits = model.run(x)                                    # [B, T, V]
             for r, (b, e, n) in enumerate(part):
                 lg = logits[r, T - 1 - n:T - 1].float()          # predicts tokens e-n .. e-1
                 tgt = x[r, T - n:]
@@ -146,7 +146,7 @@ def teacher_forced_top1(model, prompts, ref_tokens) -> float:
         if not cont:
             continue
         seq = torch.tensor([list(p) + list(cont)], dtype=torch.long, device=model.device)
-        logits = model(seq[:, :-1])[0]                            # predicts seq[1:]
+        logits = model.run(seq[:, :-1])[0]                            # predicts seq[1:]
         pred = logits[len(p) - 1:].argmax(-1).cpu()
         hit += int((pred == torch.tensor(cont)).sum())
         total += len(cont)
@@ -195,7 +195,7 @@ def input_grams(model, ids: torch.Tensor, names, batch_size: int = 8) -> dict:
     try:
         ids = torch.as_tensor(ids, dtype=torch.long)
         for chunk in ids.split(batch_size):
-            model(chunk.to(model.device), last_only=True)
+            model.run(chunk.to(model.device), last_only=True)
     finally:
         for h in handles:
             h.remove()

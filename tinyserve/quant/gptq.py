@@ -46,6 +46,8 @@ from __future__ import annotations
 
 import torch
 
+from .. import ops
+from ..attention import ContiguousBackend
 from .formats import INT4_GROUP_SIZES, Int4Weight, pack_nibbles, quantize_asym_codes
 
 GPTQ_BITS = (2, 3, 4)
@@ -204,21 +206,20 @@ def default_calibration(model, n_samples: int | None = None, seq_len: int | None
 
 def _block_forward(model, blk, layer: int, h, rope):
     """One decoder block on hidden states h [B, T, D] without a cache (as Transformer._layers)."""
-    cos, sin, positions, valid = rope
+    cos, sin, meta = rope
     be = model.backend
     x = blk.attn_norm(h, be)
-    a = blk.attn(x, cos, sin, positions, valid, layer, None, be)
+    a = blk.attn(x, cos, sin, None, meta, be)
     x, h = blk.mlp_norm(a, be, residual=h)
     return h + blk.mlp(x, be)
 
 
 def _rope_inputs(model, B: int, T: int):
-    from .. import ops
-    dev = model.device
-    positions = torch.arange(T, device=dev)[None, :].expand(B, T)
-    valid = torch.ones(B, T, dtype=torch.bool, device=dev)
-    cos, sin = ops.rope_cos_sin(positions, model.inv_freq)
-    return cos, sin, positions, valid
+    """RoPE angles and no-cache attention metadata for [B, T] whole sequences."""
+    meta = ContiguousBackend(model.backend).no_cache(
+        torch.full((B,), T, dtype=torch.long, device=model.device), T)
+    cos, sin = ops.rope_cos_sin(meta.positions, model.inv_freq)
+    return cos, sin, meta
 
 
 class _Stop(Exception):

@@ -236,7 +236,7 @@ class SpeculativeDecoder:
         self.stats = SpecStats(self.k)
         self._t0 = _clock(dev)
         uses_hidden = self.draft.uses_hidden
-        out = m(torch.tensor([list(prompt)], device=dev), self.cache, last_only=True,
+        out = m.run(torch.tensor([list(prompt)], device=dev), self.cache, last_only=True,
                 return_hidden=uses_hidden)
         logits, hidden = out if uses_hidden else (out, None)
         first = int(sample(logits[:, 0], self.params, [self.generator])[0])  # as plain decoding
@@ -277,7 +277,7 @@ class SpeculativeDecoder:
         st.draft_s += t1 - t
         # Verify: [pending token, d1..dk] -> k + 1 next-token distributions in one forward.
         ids = torch.tensor([[self.tokens[-1], *drafts]], device=dev)
-        out = m(ids, self.cache, return_hidden=self.draft.uses_hidden)
+        out = m.run(ids, self.cache, return_hidden=self.draft.uses_hidden)
         logits, hidden = out if self.draft.uses_hidden else (out, None)
         if self.params.is_greedy:
             n, tok = verify_greedy(logits[0], drafts)

@@ -134,14 +134,14 @@ class ModelDraft(Draft):
     def propose(self, context, k, params, generator):
         dev = self.model.device
         feed = torch.tensor([list(context[len(self.cached):])], device=dev)
-        logits = self.model(feed, self.cache, last_only=True)[0, -1]
+        logits = self.model.run(feed, self.cache, last_only=True)[0, -1]
         tokens, qs = [], []
         for i in range(k):
             tok, q = draw(logits, params, generator)
             tokens.append(tok)
             qs.append(q)
             if i + 1 < k:
-                logits = self.model(torch.tensor([[tok]], device=dev), self.cache)[0, -1]
+                logits = self.model.run(torch.tensor([[tok]], device=dev), self.cache)[0, -1]
         self.cached = list(context) + tokens[:-1]
         return tokens, None if params.is_greedy else torch.stack(qs)
 

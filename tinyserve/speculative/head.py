@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from .. import ops
+from ..attention import ContiguousBackend
 from ..config import ModelConfig
 from ..kv_cache import KVCache
 from ..model import Block, Linear, RMSNorm, WeightsError
@@ -69,22 +70,23 @@ class DraftHead(nn.Module):
         """Without a cache: whole sequences (training; ``valid`` [B, T] marks real pairs).
         With one: the pairs continue the cached ones, and are appended."""
         B, T, _ = feats.shape
-        dev = feats.device
-        start = cache.lengths if cache is not None else torch.zeros(B, dtype=torch.long,
-                                                                     device=dev)
-        if valid is None:
-            valid = torch.ones(B, T, dtype=torch.bool, device=dev)
-        if cache is not None:
-            cache.check_room(valid.sum(1))
-        positions = start[:, None] + torch.arange(T, device=dev)             # [B, T]
-        cos, sin = ops.rope_cos_sin(positions, self.inv_freq)
+        num_new = (torch.full((B,), T, dtype=torch.long, device=feats.device) if valid is None
+                   else valid.sum(1))
+        attn = ContiguousBackend(backend)
+        if cache is None:
+            meta = attn.no_cache(num_new, T)
+        else:
+            cache.check_room(num_new)
+            meta = attn.batch(cache.lengths, num_new, T)
+        cos, sin = ops.rope_cos_sin(meta.positions, self.inv_freq)
         blk = self.block
         x = self.fc(torch.cat([feats, embeds], dim=-1), backend)               # [B, T, D]
-        a = blk.attn(blk.attn_norm(x, backend), cos, sin, positions, valid, 0, cache, backend)
+        a = blk.attn(blk.attn_norm(x, backend), cos, sin,
+                     None if cache is None else cache.layers[0], meta, backend)
         normed, h = blk.mlp_norm(a, backend, residual=x)                       # h = x + attn
         out, _ = self.norm(blk.mlp(normed, backend), backend, residual=h)      # norm(h + mlp)
         if cache is not None:
-            cache.lengths += valid.sum(1)
+            cache.lengths += num_new
         return out
 
 

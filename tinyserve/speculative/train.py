@@ -110,7 +110,7 @@ def extract_features(model, seqs: list[list[int]], batch: int = 8, bar=None) -> 
         for r, i in enumerate(idx):
             ids[r, :len(seqs[i])] = torch.tensor(seqs[i])
         num_new = torch.tensor([len(seqs[i]) for i in idx])
-        _, hidden = model(ids.to(dev), num_new=num_new, last_only=True, return_hidden=True)
+        _, hidden = model.run(ids.to(dev), num_new=num_new, last_only=True, return_hidden=True)
         for r, i in enumerate(idx):
             feats[i] = hidden[r, :len(seqs[i])].to("cpu", torch.float16)
         if bar is not None:
