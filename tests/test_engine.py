@@ -2,19 +2,21 @@
 
 Under load (staggered arrivals, mixed lengths, chunked prefill, a queue longer than the batch)
 every request's greedy tokens equal ``generate_ids`` for that request alone, on tiny random
-models and on the real SmolLM2; the packed forward and the slot pool's attention equal their
-references; sampling is per request; abort frees a slot at once; bad arguments are refused.
+models and on the real SmolLM2; the model's one forward over packed tokens (slot metadata)
+and the slot backend's attention equal their references; sampling is per request; abort
+frees a slot at once; bad arguments are refused.
 """
 import pytest
 import torch
 from _fixtures import tiny_model
 
 from tinyserve import ops
-from tinyserve.engine import (LLMEngine, PackedBatch, SequenceStatus, SlotKVPool,
-                              StaticBatcher)
+from tinyserve.attention import SlotBackend
+from tinyserve.engine import LLMEngine, SequenceStatus, SlotKVCacheManager, StaticBatcher
 from tinyserve.engine.sequence import Sequence, SequenceMetrics
 from tinyserve.engine.workload import replay_by_steps
 from tinyserve.generate import decode_loop, generate_ids
+from tinyserve.kv_cache import KVCache
 from tinyserve.sampling import SamplingParams
 
 
@@ -46,21 +48,23 @@ def _check_equal_alone(model, engine, reqs, every):
         alone = generate_ids(model, [p], max_new_tokens=n, ignore_eos=True)[0]
         assert outs[(i, 0)]["token_ids"] == alone, f"request {i} (prompt {len(p)}, new {n})"
         assert outs[(i, 0)]["finish_reason"] == "length"
-    assert engine.kv.num_free_slots == engine.kv.num_slots and engine.kv.used_tokens() == 0
+    kv = engine.kv_cache_manager
+    assert kv.num_free_slots == kv.num_slots and kv.used_tokens() == 0
 
 
-# ---- the packed forward and the slot pool ---------------------------------------------------
+# ---- the packed forward and the slot backend ------------------------------------------------
 def test_forward_packed_equals_forward_per_sequence(tiny):
-    """Three sequences packed in one row, some with cached context, vs model.forward alone."""
+    """Three sequences packed in one row (B = 1, T = N) through the model's one forward with
+    SlotBackend metadata, some with cached context, vs ``tiny.run`` on each sequence alone."""
     g = torch.Generator().manual_seed(0)
     V = tiny.config.vocab_size
     full = [torch.randint(0, V, (n,), generator=g) for n in (9, 1, 14)]
     ctx = [0, 0, 6]                       # sequence 2 has 6 tokens cached by an earlier step
-    pool = SlotKVPool(tiny.config, 3, 32)
+    manager, cache, attn = SlotKVCacheManager(3, 32), KVCache(tiny.config, 3, 32), SlotBackend()
     seqs = [Sequence.create(f.tolist(), _greedy(4), 32, "cpu", seq_id=i,
                             metrics=SequenceMetrics(0.0)) for i, f in enumerate(full)]
     for s, f in zip(seqs, full):
-        pool.allocate(s, len(f))
+        manager.allocate(s, len(f))
 
     def step(parts):                      # parts: [(seq index, start, end)]
         ids = torch.cat([full[i][a:b] for i, a, b in parts])
@@ -69,44 +73,44 @@ def test_forward_packed_equals_forward_per_sequence(tiny):
         cu = [0]
         for n in q:
             cu.append(cu[-1] + n)
-        batch = PackedBatch([i for i, _, _ in parts], q, [a for _, a, _ in parts], cu, pos)
-        pool.prepare(batch)
-        return tiny.forward_packed(ids, pos, pool, batch, torch.arange(len(ids))), cu
+        meta = attn.build([manager.block_table(seqs[i]) for i, _, _ in parts],
+                          [a for _, a, _ in parts], q, pos)
+        return tiny(ids[None], pos[None], cache.layers, meta, torch.arange(len(ids))), cu
 
     step([(2, 0, 6)])
     logits, cu = step([(0, 0, 9), (1, 0, 1), (2, 6, 14)])
     for j, (i, a) in enumerate(zip((0, 1, 2), ctx)):
-        ref = tiny(full[i][None])[0, a:]
+        ref = tiny.run(full[i][None])[0, a:]
         torch.testing.assert_close(logits[cu[j]:cu[j + 1]], ref, atol=1e-5, rtol=1e-5)
 
 
 def _attend_case(backend, dtype, slots, D, device="cpu"):
     """A step of 2 decodes and 2 prefill chunks (one continuing a cached prefix) through
-    SlotKVPool.attend vs attention_ref over each sequence's whole history."""
+    SlotBackend.forward on a KVCache's layer vs attention_ref over each sequence's whole
+    history (sequence i lives in slot ``slots[i]`` of 5)."""
     from tinyserve.config import ModelConfig
     cfg = ModelConfig(vocab_size=8, hidden_size=4 * D, intermediate_size=8, num_layers=1,
                       num_heads=4, num_kv_heads=2, head_dim=D, max_position_embeddings=64)
     g = torch.Generator().manual_seed(0)
     ctx, q_lens = [7, 3, 0, 5], [1, 1, 6, 4]
-    pool = SlotKVPool(cfg, 5, 24, dtype=dtype, device=device, backend=backend)
+    cache = KVCache(cfg, 5, 24, dtype=dtype, device=device)
+    attn = SlotBackend(backend)
     hist = []
     for i, (c, n) in enumerate(zip(ctx, q_lens)):    # earlier tokens, written straight in
-        pool._slot[i] = slots[i]
-        pool._free.remove(slots[i])
-        pool._tokens[i] = c + n
         k, v = (torch.randn(c + n, 2, D, generator=g).to(device, dtype) for _ in range(2))
-        pool.cache.k[0][slots[i], :, :c] = k[:c].transpose(0, 1)
-        pool.cache.v[0][slots[i], :, :c] = v[:c].transpose(0, 1)
+        cache.k[0][slots[i], :, :c] = k[:c].transpose(0, 1)
+        cache.v[0][slots[i], :, :c] = v[:c].transpose(0, 1)
         hist.append((k, v))
     N = sum(q_lens)
     q = torch.randn(N, 4, D, generator=g).to(device, dtype)
     cu = [0, 1, 2, 8, 12]
     pos = torch.cat([torch.arange(c, c + n) for c, n in zip(ctx, q_lens)]).to(device)
-    batch = PackedBatch(list(range(4)), q_lens, ctx, cu, pos)
-    pool.prepare(batch)
+    meta = attn.build([[s] for s in slots[:4]], ctx, q_lens, pos)
     k_new = torch.cat([k[c:] for (k, _), c in zip(hist, ctx)])
     v_new = torch.cat([v[c:] for (_, v), c in zip(hist, ctx)])
-    out = pool.attend(0, q, k_new, v_new, batch)
+    # the backend's packed layout: q [1, Hq, N, D], k/v [1, Hkv, N, D] -> o [1, Hq, N, D]
+    packed = [t.transpose(0, 1)[None] for t in (q, k_new, v_new)]
+    out = attn.forward(*packed, cache.layers[0], meta)[0].transpose(0, 1)     # [N, Hq, D]
     for i, (c, n) in enumerate(zip(ctx, q_lens)):
         k, v = hist[i]
         ref = ops.attention_ref(q[cu[i]:cu[i + 1]].transpose(0, 1)[None],
@@ -116,25 +120,26 @@ def _attend_case(backend, dtype, slots, D, device="cpu"):
         torch.testing.assert_close(out[cu[i]:cu[i + 1]], ref[0].transpose(0, 1), atol=tol,
                                    rtol=tol, msg=f"sequence {i} (ctx {c}, new {n})")
         # this step's k/v landed in the sequence's slot at their positions
-        torch.testing.assert_close(pool.cache.k[0][slots[i], :, :c + n], k.transpose(0, 1))
+        torch.testing.assert_close(cache.k[0][slots[i], :, :c + n], k.transpose(0, 1))
+        torch.testing.assert_close(cache.v[0][slots[i], :, :c + n], v.transpose(0, 1))
 
 
 # the two decodes sit in slots 0, 1 (a view), 3, 1 (a view of 1..3 with a dummy row for slot
 # 2) or 0, 4 (far apart: gathered)
 @pytest.mark.parametrize("slots", [[0, 1, 2, 3], [3, 1, 4, 0], [0, 4, 1, 2]],
                          ids=["view", "view-with-hole", "gather"])
-def test_slot_pool_attend_ref(slots):
+def test_slot_backend_forward_ref(slots):
     _attend_case("ref", torch.float32, slots, 8)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("slots", [[3, 1, 4, 0], [0, 4, 1, 2]], ids=["view", "gather"])
-def test_slot_pool_attend_triton(dtype, slots):
+def test_slot_backend_forward_triton(dtype, slots):
     _attend_case("triton", dtype, slots, 64)
 
 
 @pytest.mark.gpu
-def test_slot_pool_attend_triton_bf16_gpu():
+def test_slot_backend_forward_triton_bf16_gpu():
     _attend_case("triton", torch.bfloat16, [3, 1, 4, 0], 128, "cuda")
 
 
@@ -248,7 +253,7 @@ def test_recompute_after_preemption_continues_exactly(tiny):
     seq = engine.scheduler.running[0]
     engine.scheduler.preempt(seq)
     assert seq.status is SequenceStatus.WAITING and seq.num_computed == 0
-    assert engine.kv.num_free_slots == 2
+    assert engine.kv_cache_manager.num_free_slots == 2
     while engine.has_unfinished():
         toks += [t for o in engine.step() for t in o.token_ids]
     assert toks == generate_ids(tiny, [p], 12, ignore_eos=True)[0]
@@ -266,10 +271,11 @@ def test_abort_frees_the_slot_at_once(tiny):
     engine.add_request("c", p2, _greedy(4))          # waits: both slots are taken
     engine.step()
     engine.step()
-    assert engine.kv.num_free_slots == 0 and len(engine.scheduler.waiting) == 1
+    kv = engine.kv_cache_manager
+    assert kv.num_free_slots == 0 and len(engine.scheduler.waiting) == 1
     assert engine.abort("a") is True
-    assert engine.kv.num_free_slots == 1              # at once, not at the next step
-    assert engine.kv.reserved_tokens() == 64
+    assert kv.num_free_slots == 1                     # at once, not at the next step
+    assert kv.reserved_tokens() == 64
     outs = engine.step()                              # "c" takes a's slot in this step
     assert [(o.request_id, o.finish_reason) for o in outs if o.request_id == "a"] == \
         [("a", "abort")]
@@ -278,7 +284,7 @@ def test_abort_frees_the_slot_at_once(tiny):
     assert engine.abort("c") is True                  # abort while running, then drain
     while engine.has_unfinished():
         engine.step()
-    assert engine.kv.num_free_slots == 2 and engine.num_unfinished == 0
+    assert kv.num_free_slots == 2 and engine.num_unfinished == 0
 
 
 def test_abort_a_waiting_request(tiny):
@@ -306,7 +312,7 @@ def test_bad_arguments(tiny):
     with pytest.raises(ValueError, match="max_model_len must be in"):
         LLMEngine(tiny, None, max_model_len=10_000)
     with pytest.raises(ValueError, match="unknown backend"):
-        SlotKVPool(tiny.config, 2, 8, backend="cuda")
+        SlotBackend("cuda")
     e = LLMEngine(tiny, None, 2, 16, max_model_len=16)
     with pytest.raises(TypeError, match="needs a tokenizer"):
         e.add_request(0, "hello")

@@ -6,7 +6,8 @@ import pytest
 import torch
 from _fixtures import tiny_model
 
-from tinyserve.engine import LLMEngine, SlotKVPool, wait_bound_steps
+from tinyserve.engine import LLMEngine, SlotKVCacheManager, wait_bound_steps
+from tinyserve.engine import llm_engine
 from tinyserve.engine.workload import replay_by_steps
 from tinyserve.generate import generate_ids
 from tinyserve.sampling import SamplingParams
@@ -99,8 +100,8 @@ def test_a_flood_of_short_requests_does_not_starve_a_long_prompt(tiny):
     assert min(later) >= m.first_scheduled_step
 
 
-class TokenCapPool(SlotKVPool):
-    """Slots, plus a cap on the tokens all sequences hold together: like a paged store with
+class TokenCapManager(SlotKVCacheManager):
+    """Slots, plus a cap on the tokens all sequences hold together: like a paged cache with
     few blocks, a running sequence can fail to grow."""
 
     def __init__(self, *args, max_tokens, **kw):
@@ -112,11 +113,15 @@ class TokenCapPool(SlotKVPool):
         return super().can_allocate(seq, num_tokens) and others + num_tokens <= self.max_tokens
 
 
-def test_preemption_when_the_store_runs_out_recomputes_exactly(tiny):
+def test_preemption_when_the_store_runs_out_recomputes_exactly(tiny, monkeypatch):
     """Four slots but memory for 64 tokens (a request needs 24 to 39): running sequences cannot
-    all grow, the latest admitted are preempted and later recomputed, every output is exact."""
-    pool = TokenCapPool(tiny.config, 4, 64, max_tokens=64)
-    engine = LLMEngine(tiny, None, 4, 32, 64, kv=pool)
+    all grow, the latest admitted are preempted and later recomputed, every output is exact.
+    The engine is built on the capped manager (its runner: 4 slots of 64 tokens)."""
+    pool = TokenCapManager(4, 64, max_tokens=64)
+    monkeypatch.setattr(llm_engine, "_make_manager", lambda config, model: pool)
+    engine = LLMEngine(tiny, None, 4, 32, 64, kv="slots")
+    assert engine.kv_cache_manager is pool
+    assert engine.runner.kv_caches[0][0].shape[:3] == (4, tiny.config.num_kv_heads, 64)
     reqs = [(_prompt(10 + 2 * i, i), 14 + i) for i in range(6)]
     for i, (p, n) in enumerate(reqs):
         engine.add_request(i, p, _greedy(n))
@@ -145,6 +150,7 @@ def test_500_random_requests_with_aborts_all_finish_and_free_every_slot(tiny):
         stop = [rng.randrange(300)] if rng.random() < 0.2 else []
         reqs[i] = (step, p, _greedy(rng.randint(1, L - len(p)), stop_token_ids=stop))
     finished, aborted, t, i = {}, set(), 0, 0
+    kv = engine.kv_cache_manager
     order = sorted(reqs)
     while i < len(order) or engine.has_unfinished():
         while i < len(order) and reqs[order[i]][0] <= t:
@@ -155,19 +161,19 @@ def test_500_random_requests_with_aborts_all_finish_and_free_every_slot(tiny):
             victim = rng.choice(engine.unfinished_ids)
             assert engine.abort(victim)
             aborted.add(victim)
-            assert engine.kv.num_free_slots + len(engine.scheduler.running) == S
+            assert kv.num_free_slots + len(engine.scheduler.running) == S
         for o in engine.step():
             toks, _ = finished.get(o.request_id, ([], None))
             assert o.request_id not in finished or finished[o.request_id][1] is None
             finished[o.request_id] = (toks + o.token_ids, o.finish_reason)
         running = engine.scheduler.running
         assert len(running) <= S
-        assert len({engine.kv.slot_of(s.seq_id) for s in running}) == len(running)
+        assert len({kv.slot_of(s.seq_id) for s in running}) == len(running)
         t += 1
     assert all(sum(e[3] for e in r.entries) <= B for r in engine.history)
     assert sorted(finished) == list(range(500))
-    assert engine.kv.num_free_slots == S and engine.kv.reserved_tokens() == 0
-    assert engine.kv.used_tokens() == 0 and engine.num_unfinished == 0
+    assert kv.num_free_slots == S and kv.reserved_tokens() == 0
+    assert kv.used_tokens() == 0 and engine.num_unfinished == 0
     assert not engine.scheduler.running and not engine.scheduler.waiting
     assert 40 < len(aborted) < 200
     reasons = {r for _, r in finished.values()}

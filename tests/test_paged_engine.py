@@ -1,4 +1,4 @@
-"""The engine on the paged KV store (its default) equals generation one request at a time.
+"""The engine on the paged KV cache (its default) equals generation one request at a time.
 
 Under load, with prefix-cache hits, after preemption by recomputation in a tiny block pool,
 with n samples sharing their prompt's blocks, and over 500 random requests with aborts: every
@@ -14,7 +14,8 @@ from _fixtures import tiny_model
 from test_engine import _requests
 
 from tinyserve import LLM
-from tinyserve.engine import LLMEngine, ModelRunner, PagedKVStore, SlotKVPool
+from tinyserve.attention import PagedBackend
+from tinyserve.engine import KVCacheManager, LLMEngine, ModelRunner, SlotKVCacheManager
 from tinyserve.engine.workload import replay_by_steps
 from tinyserve.generate import generate_ids
 from tinyserve.sampling import SamplingParams
@@ -35,9 +36,9 @@ def fed(monkeypatch):
     count = {"tokens": 0}
     execute = ModelRunner.execute
 
-    def counting(self, chunks):
-        count["tokens"] += sum(c.num_tokens for c in chunks)
-        return execute(self, chunks)
+    def counting(self, sched):
+        count["tokens"] += sum(c.num_tokens for c in sched.chunks)
+        return execute(self, sched)
     monkeypatch.setattr(ModelRunner, "execute", counting)
     return count
 
@@ -51,7 +52,7 @@ def _alone(model, p, n):
 
 
 def _all_free(engine):
-    kv = engine.kv
+    kv = engine.kv_cache_manager
     kv.bm.check_invariants()
     assert kv.reserved_tokens() == kv.used_tokens() == 0
     assert kv.num_free_blocks == kv.num_blocks and not engine.scheduler.running
@@ -72,7 +73,13 @@ def _check_alone(model, engine, reqs, every):
 def test_paged_engine_under_load_equals_each_request_alone(tiny, seqs, budget, every, bs):
     engine = LLMEngine(tiny, None, max_num_seqs=seqs, max_num_batched_tokens=budget,
                        max_model_len=64, block_size=bs)
-    assert isinstance(engine.kv, PagedKVStore) and engine.kv.num_blocks == seqs * -(-64 // bs)
+    kv, blocks = engine.kv_cache_manager, seqs * -(-64 // bs)
+    assert isinstance(kv, KVCacheManager) and kv.num_blocks == blocks
+    # the runner's tensors: one pool of exactly those blocks per layer, read by PagedBackend
+    assert isinstance(engine.runner.attn, PagedBackend) and engine.runner.attn.block_size == bs
+    assert len(engine.runner.kv_caches) == tiny.config.num_layers
+    assert all(t.shape == (blocks, bs, tiny.config.num_kv_heads, tiny.config.head_dim)
+               for kv_pair in engine.runner.kv_caches for t in kv_pair)
     _check_alone(tiny, engine, _requests(tiny.config.vocab_size, 16, seed=seqs * budget), every)
 
 
@@ -125,12 +132,12 @@ def test_preempted_requests_resume_exactly_in_a_tiny_block_pool(tiny):
              .tolist(), 14 + i) for i in range(8)]
     engine = LLMEngine(tiny, None, max_num_seqs=6, max_num_batched_tokens=32, max_model_len=64,
                        block_size=4, kv_cache_tokens=64)
-    assert engine.kv.num_blocks == 16
+    assert engine.kv_cache_manager.num_blocks == 16
     step = engine.step
 
     def checked():
         out = step()
-        engine.kv.bm.check_invariants()
+        engine.kv_cache_manager.bm.check_invariants()
         return out
     engine.step = checked
     outs = _check_alone(tiny, engine, reqs, 0)
@@ -151,14 +158,15 @@ def test_n_samples_share_the_prompt_blocks_and_equal_unshared_samples(tiny, fed)
     engine.add_request("n", p, sp)
     engine.step()                                     # the prefill; samples 1, 2 fork here
     seqs = engine._requests["n"]
-    tables = [engine.kv.block_table(s.seq_id) for s in seqs]
+    kv = engine.kv_cache_manager
+    tables = [kv.block_table(s) for s in seqs]
     assert tables[0] == tables[1] == tables[2] and len(tables[0]) == 4
-    assert [engine.kv.bm.ref_count(b) for b in tables[0]] == [3, 3, 3, 3]
+    assert [kv.bm.ref_count(b) for b in tables[0]] == [3, 3, 3, 3]
     engine.step()                                     # each writes its token: copy-on-write
-    tables = [engine.kv.block_table(s.seq_id) for s in seqs]
+    tables = [kv.block_table(s) for s in seqs]
     assert tables[0][:3] == tables[1][:3] == tables[2][:3]
     assert len({t[3] for t in tables}) == 3            # the partly filled block: one each
-    assert [engine.kv.bm.ref_count(b) for b in tables[0]] == [3, 3, 3, 1]
+    assert [kv.bm.ref_count(b) for b in tables[0]] == [3, 3, 3, 1]
     outs = replay_by_steps(engine, [])
     shared = [seqs[k].out for k in range(3)]
     assert fed["tokens"] == len(p) + 3 * (10 - 1)       # one prefill, then 3 x 9 decodes
@@ -198,12 +206,13 @@ def test_500_random_requests_with_aborts_leave_every_block_free(tiny):
     engine = LLMEngine(tiny, None, max_num_seqs=S, max_num_batched_tokens=B, max_model_len=L,
                        block_size=4, kv_cache_tokens=192)
     cached = []                                   # what each admission found in the cache
-    allocate = engine.kv.allocate
+    kv = engine.kv_cache_manager
+    allocate = kv.allocate
 
     def counting(seq, num_tokens):
         cached.append(allocate(seq, num_tokens))
         return cached[-1]
-    engine.kv.allocate = counting
+    kv.allocate = counting
     prefixes = [[rng.randrange(300) for _ in range(n)] for n in (9, 17)]
     reqs, step = {}, 0
     for i in range(500):
@@ -228,7 +237,7 @@ def test_500_random_requests_with_aborts_leave_every_block_free(tiny):
             toks[0] += o.token_ids
             toks[1] = o.finish_reason
             preempted += o.metrics.preemptions if o.metrics else 0
-        engine.kv.bm.check_invariants()
+        kv.bm.check_invariants()
         assert len(engine.scheduler.running) <= S
         t += 1
     _all_free(engine)
@@ -249,12 +258,13 @@ def test_500_random_requests_with_aborts_leave_every_block_free(tiny):
 
 # ---- arguments -----------------------------------------------------------------------------------
 def test_bad_kv_arguments(tiny):
-    with pytest.raises(ValueError, match="kv must be 'paged', 'slots' or a KV store"):
+    with pytest.raises(ValueError, match="kv must be 'paged' or 'slots'"):
         LLMEngine(tiny, None, kv="pages")
     with pytest.raises(ValueError, match="options of kv='paged'"):
         LLMEngine(tiny, None, 2, 8, 32, kv="slots", block_size=8)
-    with pytest.raises(ValueError, match="not a store passed as kv"):
-        LLMEngine(tiny, None, 2, 8, 32, kv=SlotKVPool(tiny.config, 2, 32), kv_cache_tokens=64)
+    # kv= names a kind; a manager object is no longer accepted in its place, and says so
+    with pytest.raises(ValueError, match="kv must be 'paged' or 'slots', got <"):
+        LLMEngine(tiny, None, 2, 8, 32, kv=SlotKVCacheManager(2, 32))
     with pytest.raises(ValueError, match="less than one sequence of max_model_len=64"):
         LLMEngine(tiny, None, 2, 8, 64, block_size=16, kv_cache_tokens=48)
     with pytest.raises(TypeError, match="block_size must be an int"):
