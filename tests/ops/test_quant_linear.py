@@ -185,7 +185,7 @@ def test_weight_bytes_match_the_formats():
 
 
 def test_bench_cases_small_run():
-    cases = qlin.bench_cases(DEV, small=True)
+    cases = qlin.bench_cases(DEV, small=True, quantize=formats.quantize_as)
     assert cases and all(c.op == "quant_linear" and c.bytes > 0 for c in cases)
     assert {c.meta["format"] for c in cases} == {f for f, _ in qlin.BENCH_FORMATS}
     for case in cases[:: len(cases) // 4]:
@@ -194,7 +194,8 @@ def test_bench_cases_small_run():
         for name, fn in impls.items():
             if name != "triton" or DEV == "cuda":
                 fn()
-    big = qlin.bench_cases("cpu", small=False)   # setup is lazy: nothing allocated here
+    big = qlin.bench_cases("cpu", small=False,   # setup is lazy: nothing allocated here
+                           quantize=formats.quantize_as)
     assert {(c.meta["K"], c.meta["N"]) for c in big} == {(4096, 4096), (4096, 11008),
                                                          (11008, 4096)}
     assert {c.meta["M"] for c in big} == {1, 16, 512}

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from ._dispatch import check_backend, interpreter_on, resolve
-from .launch import sm_count
+from .launch import dot_precision, sm_count
 from .spec import BenchCase
 
 try:
@@ -191,7 +191,7 @@ def linear_triton(x, weight, bias=None, out=None, split_k: int | None = None):
     m_pad = 1 if M == 1 else 16
     args = (x2, w, b, y2, ws, M, N, K, x2.stride(0), w.stride(0), y2.stride(0), k_per_split)
     meta = dict(M_PAD=m_pad, SPLIT_K=split, HAS_BIAS=bias is not None,
-                PRECISION="ieee" if x.dtype == torch.float32 else "tf32")
+                PRECISION=dot_precision(x.dtype))
     if on_gpu:
         _tuned_kernel()[lambda cfg: (triton.cdiv(N, cfg["BLOCK_N"]), split)](*args, **meta)
     else:

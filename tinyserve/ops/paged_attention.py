@@ -14,176 +14,39 @@ Three ops, each a reference and a Triton kernel:
   block table instead of read from one contiguous run. One key's D values for one head are
   still contiguous (256 bytes at D=128 bf16), so loads stay coalesced; the extra traffic is
   one int32 table entry per key (cached: 16 keys share one), under 1% of the K/V bytes.
-  The combine kernel and the split heuristic are ``decode_attention``'s own.
+  The split heuristic (``launch.py``) and the combine kernel (``softmax.py``) are shared.
 * ``paged_prefill_attention``: packed variable-length queries (``cu_q``), causal, over a
   cached prefix plus themselves, FlashAttention-2 tiles as in ``prefill_attention.py``.
 
 The references gather the blocks into a contiguous [B, Hkv, S, D] cache and call
-``attention_ref``: "paged equals contiguous" is the definition, and the tests check it.
+``attention_ref``: "paged equals contiguous" is the definition, and the tests check it. The
+argument checks, the write's two implementations, that gather and ``random_paged_cache`` live
+in ``paged_layout.py``; this file holds the ops' entry points and the attention kernels.
 """
-import math
-
 import torch
 
 from ._dispatch import interpreter_on, resolve
+from .attention_common import attention_ref, kernel_supports
+from .decode_attention import decode_attention_triton     # the benchmarks' contiguous peers
+from .launch import (DECODE_BLOCK_N, dot_precision, group_rows, num_kv_splits, prefill_config,
+                     qk_scale, sm_count, split_plan)
+# Re-exported: tests and notebook 06 reach them as paged_attention.<name>; paged_write
+# dispatches to the two write implementations through this module's names.
+from .paged_layout import (_gather, check_paged_args, paged_write_ref, paged_write_triton,
+                           random_paged_cache)
+from .prefill_attention import prefill_attention_triton
+from .softmax import merge_splits, split_outputs
 from .spec import BenchCase
-from .attention import KERNEL_DTYPES, KERNEL_HEAD_DIMS, attention_ref, kernel_supports
-from .decode_attention import BLOCK_N, decode_attention_triton, num_kv_splits
-from .launch import LOG2E, sm_count
-from .prefill_attention import prefill_attention_triton, prefill_config
 
 try:
     import triton
     import triton.language as tl
-    from .decode_attention import decode_combine_kernel
+    from .softmax import online_softmax_finish, online_softmax_update, tile_scores
 except ImportError:  # `import tinyserve.ops` must work without triton; only "ref" is available
     triton = None
 
 
-# ---- checks shared by the references and the kernels -------------------------------------
-def _check_caches(k_cache, v_cache):
-    if k_cache.dim() != 4 or v_cache.shape != k_cache.shape:
-        raise ValueError(f"paged: k_cache and v_cache must be [num_blocks, block_size, Hkv, D] "
-                         f"of equal shape, got {tuple(k_cache.shape)} and {tuple(v_cache.shape)}")
-    if k_cache.dtype != v_cache.dtype or k_cache.device != v_cache.device:
-        raise ValueError(f"paged: k_cache and v_cache differ in dtype or device "
-                         f"({k_cache.dtype}/{v_cache.dtype}, {k_cache.device}/{v_cache.device})")
-
-
-def _check_int(name, t, shape):
-    if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
-        raise ValueError(f"paged: {name} must be an integer tensor, got {t.dtype}")
-    if tuple(t.shape) != shape:
-        raise ValueError(f"paged: {name} must have shape {list(shape)}, got {list(t.shape)}")
-
-
-def check_paged_args(q, k_cache, v_cache, block_tables, kv_lens, cu_q=None, out=None,
-                     kernel=False):
-    """q [B, Hq, D] (decode, cu_q None) or [N, Hq, D] packed (cu_q [B+1]). ``kernel``: also
-    what the Triton kernels need (head_dim, dtype)."""
-    _check_caches(k_cache, v_cache)
-    if q.dim() != 3:
-        raise ValueError(f"paged: q must be [B or N, Hq, D], got {tuple(q.shape)}")
-    Hq, D = q.shape[1:]
-    Hkv = k_cache.shape[2]
-    if k_cache.shape[3] != D:
-        raise ValueError(f"paged: q head_dim {D} != cache head_dim {k_cache.shape[3]}")
-    if Hkv == 0 or Hq % Hkv:
-        raise ValueError(f"paged: {Hq} query heads are not a multiple of {Hkv} KV heads")
-    if block_tables.dim() != 2:
-        raise ValueError(f"paged: block_tables must be [B, max_blocks], got "
-                         f"{tuple(block_tables.shape)}")
-    B = block_tables.shape[0]
-    _check_int("block_tables", block_tables, (B, block_tables.shape[1]))
-    _check_int("kv_lens", kv_lens, (B,))
-    if cu_q is None:
-        if q.shape[0] != B:
-            raise ValueError(f"paged decode: q has {q.shape[0]} rows, block_tables {B}")
-    else:
-        _check_int("cu_q", cu_q, (B + 1,))
-    if q.dtype != k_cache.dtype:
-        raise ValueError(f"paged: q is {q.dtype} but the cache is {k_cache.dtype}")
-    tensors = [q, k_cache, block_tables, kv_lens] + ([cu_q] if cu_q is not None else [])
-    if len({t.device for t in tensors}) != 1:
-        raise ValueError("paged: q, the caches, block_tables, kv_lens, cu_q must share a device")
-    if out is not None and (out.shape != q.shape or out.dtype != q.dtype
-                            or out.device != q.device):
-        raise ValueError(f"paged: out must be {tuple(q.shape)} {q.dtype} on {q.device}, got "
-                         f"{tuple(out.shape)} {out.dtype} on {out.device}")
-    if kernel and (D not in KERNEL_HEAD_DIMS or q.dtype not in KERNEL_DTYPES):
-        raise ValueError(f"paged: the Triton kernels support head_dim in {KERNEL_HEAD_DIMS} and "
-                         f"dtypes {KERNEL_DTYPES}, got {D} and {q.dtype} (use backend='ref')")
-
-
-def _gather(cache, block_tables, kv_lens):
-    """The reference's "un-paging": [num_blocks, bs, Hkv, D] -> contiguous [B, Hkv, S, D] with
-    S = the longest row rounded up to blocks. Reads B*S*Hkv*D elements, writes as many. Checks
-    the table on the host (a sync: fine for the reference, never done by the kernels)."""
-    num_blocks, bs = cache.shape[:2]
-    width = -(-int(kv_lens.max()) // bs) if kv_lens.numel() else 0
-    if width > block_tables.shape[1] or (kv_lens.numel() and int(kv_lens.min()) < 0):
-        raise ValueError(f"paged: kv_lens {kv_lens.tolist()} need {width} blocks per row, "
-                         f"block_tables has {block_tables.shape[1]} (or a length is negative)")
-    bt = block_tables[:, :width].long()
-    used = torch.arange(width, device=bt.device)[None, :] * bs < kv_lens[:, None]
-    if ((bt < 0) | (bt >= num_blocks))[used].any():
-        raise ValueError(f"paged: block_tables lists a block outside [0, {num_blocks})")
-    bt = torch.where(used, bt, 0)           # unused entries may be -1: read block 0, masked
-    return cache[bt].flatten(1, 2).transpose(1, 2)   # [B, width, bs, Hkv, D] -> [B, Hkv, S, D]
-
-
-# ---- 1. write ------------------------------------------------------------------------------
-def _check_write(k_cache, v_cache, k_new, v_new, slot_mapping):
-    _check_caches(k_cache, v_cache)
-    want = (k_cache.shape[2], k_cache.shape[3])
-    if k_new.dim() != 3 or v_new.shape != k_new.shape or tuple(k_new.shape[1:]) != want:
-        raise ValueError(f"paged_write: k_new, v_new must be [N, {want[0]}, {want[1]}], got "
-                         f"{tuple(k_new.shape)} and {tuple(v_new.shape)}")
-    if k_new.dtype != k_cache.dtype or v_new.dtype != k_cache.dtype:
-        raise ValueError(f"paged_write: new K/V ({k_new.dtype}, {v_new.dtype}) must have the "
-                         f"cache's dtype {k_cache.dtype}")
-    _check_int("slot_mapping", slot_mapping, (k_new.shape[0],))
-    if len({t.device for t in (k_cache, k_new, v_new, slot_mapping)}) != 1:
-        raise ValueError("paged_write: caches, new K/V and slot_mapping must share a device")
-
-
-def paged_write_ref(k_cache, v_cache, k_new, v_new, slot_mapping):
-    """Token i goes to slot s = slot_mapping[i] (block s // bs, offset s % bs); -1 skips it.
-    Slots must be distinct. In place; reads and writes 2*N*Hkv*D elements."""
-    _check_write(k_cache, v_cache, k_new, v_new, slot_mapping)
-    keep = slot_mapping >= 0
-    slots = slot_mapping[keep].long()
-    if slots.numel() and int(slots.max()) >= k_cache.shape[0] * k_cache.shape[1]:
-        raise ValueError(f"paged_write: slot {int(slots.max())} is past the cache's "
-                         f"{k_cache.shape[0] * k_cache.shape[1]} slots")
-    # flatten(0, 1) is a view of the (block, offset) dims only for caches whose two leading
-    # dims are adjacent in memory; index the 4-D tensor instead so any strided cache works.
-    bs = k_cache.shape[1]
-    k_cache[slots // bs, slots % bs] = k_new[keep]
-    v_cache[slots // bs, slots % bs] = v_new[keep]
-
-
-if triton is not None:
-    @triton.jit
-    def _paged_write_kernel(KN, VN, KC, VC, Slot,
-                            skn_n, skn_h, skn_d, svn_n, svn_h, svn_d,
-                            skc_b, skc_t, skc_h, skc_d, svc_b, svc_t, svc_h, svc_d,
-                            ss_n, num_slots,
-                            H: tl.constexpr, BLOCK_H: tl.constexpr, D: tl.constexpr,
-                            BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr):
-        # Program i: reads token i's slot and its Hkv*D keys and values, writes them once.
-        i = tl.program_id(0).to(tl.int64)
-        slot = tl.load(Slot + i * ss_n).to(tl.int64)
-        ok = (slot >= 0) & (slot < num_slots)   # -1 skips; out of range never writes
-        slot = tl.where(ok, slot, 0)
-        blk = slot // BLOCK_SIZE
-        off = slot % BLOCK_SIZE
-        offs_h = tl.arange(0, BLOCK_H)
-        offs_d = tl.arange(0, BLOCK_D)
-        d_end = tl.where(ok, D, 0)   # a skipped token masks every column (a scalar bool in the
-        mask = (offs_h[:, None] < H) & (offs_d[None, :] < d_end)   # mask trips the interpreter)
-        k = tl.load(KN + i * skn_n + offs_h[:, None] * skn_h + offs_d[None, :] * skn_d, mask=mask)
-        v = tl.load(VN + i * svn_n + offs_h[:, None] * svn_h + offs_d[None, :] * svn_d, mask=mask)
-        tl.store(KC + blk * skc_b + off * skc_t + offs_h[:, None] * skc_h + offs_d[None, :] * skc_d,
-                 k, mask=mask)
-        tl.store(VC + blk * svc_b + off * svc_t + offs_h[:, None] * svc_h + offs_d[None, :] * svc_d,
-                 v, mask=mask)
-
-
-def paged_write_triton(k_cache, v_cache, k_new, v_new, slot_mapping):
-    """Same as ``paged_write_ref``; a slot past the cache is skipped (no bounds check on the
-    host: it would cost a device sync every layer)."""
-    _check_write(k_cache, v_cache, k_new, v_new, slot_mapping)
-    N, H, D = k_new.shape
-    if N == 0:
-        return
-    _paged_write_kernel[(N,)](
-        k_new, v_new, k_cache, v_cache, slot_mapping, *k_new.stride(), *v_new.stride(),
-        *k_cache.stride(), *v_cache.stride(), slot_mapping.stride(0),
-        k_cache.shape[0] * k_cache.shape[1], H=H, BLOCK_H=triton.next_power_of_2(H), D=D,
-        BLOCK_D=triton.next_power_of_2(D), BLOCK_SIZE=k_cache.shape[1], num_warps=4)
-
-
+# ---- 1. write (implemented in paged_layout.py: it fills the layout) ----------------------
 def paged_write(k_cache, v_cache, k_new, v_new, slot_mapping, backend="auto"):
     """Store new K/V [N, Hkv, D] at their slots. backend: ref | triton | auto."""
     if resolve(backend, k_new) == "triton":
@@ -239,30 +102,16 @@ if triton is not None:
             row = blk.to(tl.int64) * skc_b + (cols % BLOCK_SIZE) * skc_t        # [N]
             k = tl.load(KC + hkv * skc_h + row[:, None] + offs_d[None, :] * skc_d,
                         mask=c_ok[:, None], other=0.0)                           # [N, D]
-            if USE_DOT:
-                s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
-            else:
-                s = tl.sum(q[:, None, :].to(tl.float32) * k[None, :, :].to(tl.float32), axis=2)
-            s = tl.where(c_ok[None, :], s * qk_scale, float("-inf"))            # [G, N]
-            m_new = tl.maximum(m_i, tl.max(s, axis=1))
-            alpha = tl.exp2(m_i - m_new)
-            p = tl.exp2(s - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, axis=1)
+            s = tl.where(c_ok[None, :], tile_scores(q, k, USE_DOT, PRECISION) * qk_scale,
+                         float("-inf"))                                          # [G, N]
             vrow = blk.to(tl.int64) * svc_b + (cols % BLOCK_SIZE) * svc_t
             v = tl.load(VC + hkv * svc_h + vrow[:, None] + offs_d[None, :] * svc_d,
                         mask=c_ok[:, None], other=0.0)                           # [N, D]
-            if USE_DOT:
-                pv = tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-            else:
-                pv = tl.sum(p[:, :, None] * v[None, :, :].to(tl.float32), axis=1)
-            acc = acc * alpha[:, None] + pv
-            m_i = m_new
-        l_pos = tl.where(l_i > 0, l_i, 1.0)
-        out = acc / l_pos[:, None]
+            m_i, l_i, acc = online_softmax_update(m_i, l_i, acc, s, v, USE_DOT, PRECISION)
+        out, lse = online_softmax_finish(m_i, l_i, acc)
         tl.store(O + b * so_b + heads[:, None] * so_h + split * so_s + offs_d[None, :] * so_d,
                  out.to(O.dtype.element_ty), mask=g_ok[:, None])
         if not SINGLE:
-            lse = tl.where(l_i > 0, m_i + tl.log2(l_pos), float("-inf"))
             tl.store(Lse + b * se_b + heads * se_h + split * se_s, lse, mask=g_ok)
 
 
@@ -280,30 +129,17 @@ def paged_decode_attention_triton(q, k_cache, v_cache, block_tables, kv_lens, ou
         return out
     G = Hq // Hkv
     S = max(1, block_tables.shape[1] * bs)
-    n_blocks = triton.cdiv(S, BLOCK_N)
     ns = num_splits or num_kv_splits(B * Hkv, S, sm_count(q.device))
-    keys_per_split = triton.cdiv(n_blocks, max(1, ns)) * BLOCK_N
-    ns = triton.cdiv(S, keys_per_split)
-    use_dot = G > 1
-    block_g = max(16, triton.next_power_of_2(G)) if use_dot else 1
-    if ns == 1:
-        part, lse = out.unsqueeze(2), out
-        part_strides, lse_strides = (out.stride(0), out.stride(1), 0, out.stride(2)), (0, 0, 0)
-    else:
-        part = torch.empty(B, Hq, ns, D, dtype=torch.float32, device=q.device)
-        lse = torch.empty(B, Hq, ns, dtype=torch.float32, device=q.device)
-        part_strides, lse_strides = part.stride(), lse.stride()
+    ns, keys_per_split = split_plan(S, ns)
+    use_dot, block_g = group_rows(G)
+    part, lse, part_strides, lse_strides = split_outputs(out, ns)
     _paged_decode_split_kernel[(B, Hkv, ns)](
         q, k_cache, v_cache, block_tables, kv_lens, part, lse, *q.stride(),
         *k_cache.stride(), *v_cache.stride(), *block_tables.stride(), kv_lens.stride(0),
-        *part_strides, *lse_strides, S, keys_per_split, LOG2E / math.sqrt(D),
-        BLOCK_SIZE=bs, G=G, BLOCK_G=block_g, BLOCK_N=BLOCK_N, D=D, USE_DOT=use_dot,
-        PRECISION="ieee" if q.dtype == torch.float32 else "tf32", SINGLE=ns == 1,
-        num_warps=4, num_stages=2)
-    if ns > 1:
-        decode_combine_kernel[(B, Hq)](
-            part, lse, out, ns, part.stride(0), part.stride(1), part.stride(2), *lse.stride(),
-            *out.stride(), BLOCK_S=triton.next_power_of_2(ns), D=D, num_warps=4)
+        *part_strides, *lse_strides, S, keys_per_split, qk_scale(D),
+        BLOCK_SIZE=bs, G=G, BLOCK_G=block_g, BLOCK_N=DECODE_BLOCK_N, D=D, USE_DOT=use_dot,
+        PRECISION=dot_precision(q.dtype), SINGLE=ns == 1, num_warps=4, num_stages=2)
+    merge_splits(part, lse, out, ns)
     return out
 
 
@@ -371,17 +207,11 @@ if triton is not None:
                         mask=c_ok[:, None], other=0.0)                           # [N, D]
             s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale      # [M, N]
             s = tl.where((cols[None, :] <= qp[:, None]) & c_ok[None, :], s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, axis=1))
-            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)   # rows with no key yet
-            alpha = tl.exp2(m_i - m_use)
-            p = tl.exp2(s - m_use[:, None])
-            l_i = l_i * alpha + tl.sum(p, axis=1)
             v = tl.load(VC + blk[:, None] * svc_b + (cols % BLOCK_SIZE)[:, None] * svc_t
                         + hkv * svc_h + offs_d[None, :] * svc_d,
                         mask=c_ok[:, None], other=0.0)                           # [N, D]
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-            m_i = m_new
-        out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+            m_i, l_i, acc = online_softmax_update(m_i, l_i, acc, s, v, True, PRECISION)
+        out, _ = online_softmax_finish(m_i, l_i, acc)   # rows with no visible key: zeros
         tl.store(O + rows[:, None] * so_n + h * so_h + offs_d[None, :] * so_d,
                  out.to(O.dtype.element_ty), mask=m_ok[:, None])
 
@@ -405,10 +235,9 @@ def paged_prefill_attention_triton(q, k_cache, v_cache, block_tables, cu_q, kv_l
     _paged_prefill_kernel[(triton.cdiv(max_q_len, block_m), B * Hq)](
         q, k_cache, v_cache, block_tables, cu_q, kv_lens, out, *q.stride(),
         *k_cache.stride(), *v_cache.stride(), *block_tables.stride(), cu_q.stride(0),
-        kv_lens.stride(0), *out.stride(), Hq, block_tables.shape[1] * bs, LOG2E / math.sqrt(D),
+        kv_lens.stride(0), *out.stride(), Hq, block_tables.shape[1] * bs, qk_scale(D),
         BLOCK_SIZE=bs, G=Hq // Hkv, BLOCK_M=block_m, BLOCK_N=block_n, D=D,
-        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        num_warps=num_warps, num_stages=num_stages)
+        PRECISION=dot_precision(q.dtype), num_warps=num_warps, num_stages=num_stages)
     return out
 
 
@@ -432,26 +261,6 @@ def paged_attention(q, k_cache, v_cache, block_tables, kv_lens, cu_q=None, backe
 
 
 # ---- benchmark ----------------------------------------------------------------------------
-def random_paged_cache(kv_lens, Hkv, D, block_size=16, extra_blocks=0, dtype=torch.float32,
-                       device="cpu", generator=None):
-    """(k_cache, v_cache, block_tables int32) holding random K/V for rows of kv_lens tokens in
-    shuffled physical blocks (fragmented, as after many allocations and frees); unused
-    table entries are -1. For tests and benchmarks; ``generator`` (CPU) makes it repeatable."""
-    need = [-(-n // block_size) for n in kv_lens]
-    num_blocks = sum(need) + extra_blocks
-    perm = torch.randperm(num_blocks, generator=generator).tolist()
-    table = torch.full((len(kv_lens), max(need, default=0)), -1, dtype=torch.int32)
-    for b, nb in enumerate(need):
-        table[b, :nb] = torch.tensor(perm[:nb], dtype=torch.int32)
-        perm = perm[nb:]
-    shape = (num_blocks, block_size, Hkv, D)
-    if generator is None:   # drawn where they live: GB-sized benchmark caches
-        k, v = (torch.randn(shape, device=device, dtype=dtype) for _ in range(2))
-    else:                   # a CPU generator: the same values on every device
-        k, v = (torch.randn(shape, generator=generator).to(device, dtype) for _ in range(2))
-    return k, v, table.to(device)
-
-
 def bench_cases(device, small: bool = False):
     """Paged vs contiguous kernels at the same shapes (Llama-2-7B heads, D=128, bf16, blocks
     of 16 in shuffled order). Peer "contiguous": decode_attention / prefill_attention's

@@ -11,21 +11,20 @@ The same kernel serves a first prefill (q_pos = 0..T-1), chunked prefill or a ve
 appends to an existing cache (q_pos starts at the cache length), and right-padded batches (a
 row's keys stop at kv_len; a query with no visible key outputs zeros, not NaN).
 """
-import math
-
 import torch
+import torch.nn.functional as F
 
-from ._dispatch import resolve, interpreter_on
+from ._dispatch import interpreter_on, resolve
+from .attention_common import attention_ref, check_attention_args
+from .launch import dot_precision, prefill_config, qk_scale
 from .spec import BenchCase
-from .attention import attention_ref, check_attention_args
-from .launch import LOG2E
 
 try:
     import triton
     import triton.language as tl
+    from .softmax import online_softmax_finish, online_softmax_update
 except ImportError:  # `import tinyserve.ops` must work without triton; only "ref" is available
     triton = None
-
 
 
 def prefill_attention_ref(q, k, v, q_pos, kv_len):
@@ -71,30 +70,15 @@ if triton is not None:
                         mask=c_ok[:, None], other=0.0)                           # [N, D]
             s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale      # [M, N]
             ok = (cols[None, :] <= qp[:, None]) & (cols[None, :] < kvl)
-            s = tl.where(ok, s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, axis=1))
             # A query that sees no key (q_pos < 0, or the tail rows t >= T of the last block)
-            # keeps m = -inf; exponentiate against 0 so p, alpha are 0, not exp2(-inf+inf)=NaN.
-            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.exp2(m_i - m_use)
-            p = tl.exp2(s - m_use[:, None])
-            l_i = l_i * alpha + tl.sum(p, axis=1)
+            # has an all -inf row: the update keeps it at zero weight, not NaN.
+            s = tl.where(ok, s, float("-inf"))
             v = tl.load(v_base + cols[:, None] * sv_s + offs_d[None, :] * sv_d,
                         mask=c_ok[:, None], other=0.0)                           # [N, D]
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-            m_i = m_new
-        out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]      # no visible key: zeros
+            m_i, l_i, acc = online_softmax_update(m_i, l_i, acc, s, v, True, PRECISION)
+        out, _ = online_softmax_finish(m_i, l_i, acc)          # no visible key: zeros
         tl.store(O + b * so_b + h * so_h + offs_m[:, None] * so_t + offs_d[None, :] * so_d,
                  out.to(O.dtype.element_ty), mask=m_ok[:, None])
-
-
-def prefill_config(T: int, D: int, device: torch.device):
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages). Untuned but safe on H100/H200: 64x64 tiles of
-    D=128 bf16 are 16 KB each, 2 stages of K and V plus q use ~80 KB of shared memory."""
-    if device.type != "cuda" and interpreter_on():
-        return 16, 32, 4, 1   # small tiles: the tests reach several query and key blocks
-    block_m = 64 if T >= 64 else max(16, triton.next_power_of_2(T))
-    return block_m, 64, 4, 2
 
 
 def prefill_attention_triton(q, k, v, q_pos, kv_len, out=None):
@@ -111,10 +95,8 @@ def prefill_attention_triton(q, k, v, q_pos, kv_len, out=None):
     _prefill_kernel[grid](
         q, k, v, q_pos, kv_len, out, *q.stride(), *k.stride(), *v.stride(),
         q_pos.stride(0), q_pos.stride(1), kv_len.stride(0), *out.stride(),
-        T, S, Hq, LOG2E / math.sqrt(D),
-        G=Hq // Hkv, BLOCK_M=block_m, BLOCK_N=block_n, D=D,
-        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        num_warps=num_warps, num_stages=num_stages)
+        T, S, Hq, qk_scale(D), G=Hq // Hkv, BLOCK_M=block_m, BLOCK_N=block_n, D=D,
+        PRECISION=dot_precision(q.dtype), num_warps=num_warps, num_stages=num_stages)
     return out
 
 
@@ -128,7 +110,6 @@ def prefill_attention(q, k, v, q_pos, kv_len, backend="auto"):
 def bench_cases(device, small: bool = False):
     """Llama-2-7B heads (32, D=128), batch 1, a fresh causal prefill of T tokens, bf16.
     bytes = q + K + V + out (the floor; scores never reach DRAM); FLOPs count the causal half."""
-    import torch.nn.functional as F
     dev = torch.device(device)
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     has_triton = triton is not None and (dev.type == "cuda" or interpreter_on())

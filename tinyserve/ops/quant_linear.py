@@ -41,8 +41,10 @@ import torch
 import torch.nn.functional as F
 
 from ._dispatch import check_backend, interpreter_on, resolve
-from .spec import BenchCase
+from .launch import dot_precision
 from .linear import DTYPES, MAX_M, output_buffer, split_k_for
+from .quant_layout import GGUF_BLOCK, GGUF_BLOCK_BYTES, NF4_BLOCK_SIZE, NF4_CODEBOOK_VALUES
+from .spec import BenchCase
 
 try:
     import triton
@@ -52,7 +54,8 @@ except ImportError:  # `import tinyserve.ops` must work without triton; only "re
     triton = None
 
 FORMATS = ("int8", "int4", "nf4", "gguf")
-GGUF_BLOCKS = {"Q4_1": ("q4_1", 20), "Q8_0": ("q8_0", 34)}   # qtype -> (kernel FORMAT, bytes/32)
+# qtype -> (kernel FORMAT, bytes per block of GGUF_BLOCK weights)
+GGUF_BLOCKS = {q: (q.lower(), GGUF_BLOCK_BYTES[q]) for q in ("Q4_1", "Q8_0")}
 
 
 def quant_linear_ref(x: torch.Tensor, qt, bias: torch.Tensor | None = None):
@@ -273,7 +276,7 @@ def _kernel_operands(qt, device):
         q, s, m = (t.contiguous() for t in (qt.qweight, qt.scales, qt.mins))
         return "int4", g, g, (q, s, m, s), q.stride(0), s.stride(0)
     if fmt == "nf4":
-        g = int(getattr(qt, "block_size", 64))
+        g = int(getattr(qt, "block_size", NF4_BLOCK_SIZE))
         q, a = qt.qweight.contiguous(), qt.absmax.contiguous()
         return "nf4", g, g, (q, a, a, _nf4_codebook(qt, device)), q.stride(0), a.stride(0)
     if fmt == "gguf":
@@ -282,7 +285,7 @@ def _kernel_operands(qt, device):
                              f"{', '.join(GGUF_BLOCKS)})")
         kfmt, _ = GGUF_BLOCKS[qt.qtype]
         d = qt.data.contiguous()
-        return kfmt, 32, 32, (d, d, d, d), d.stride(0), 0
+        return kfmt, GGUF_BLOCK, GGUF_BLOCK, (d, d, d, d), d.stride(0), 0
     raise ValueError(f"quant_linear: unknown weight format {fmt!r} (expected one of {FORMATS})")
 
 
@@ -292,11 +295,11 @@ def _codebook_on(device: torch.device, values: tuple) -> torch.Tensor:
 
 
 def _nf4_codebook(qt, device) -> torch.Tensor:
-    """The 16 NF4 values (fp32) on ``device``: the weight's own, else tinyserve.quant's table."""
+    """The 16 NF4 values (fp32) on ``device``: the weight's own, else QLoRA's table (the one
+    tinyserve.quant.formats quantizes with; both read it from quant_layout.py)."""
     cb = getattr(qt, "codebook", None)
     if cb is None:
-        from tinyserve.quant import formats
-        cb = formats.NF4_CODEBOOK
+        cb = NF4_CODEBOOK_VALUES
     if isinstance(cb, torch.Tensor):
         if cb.device == device and cb.dtype == torch.float32 and cb.is_contiguous():
             return cb
@@ -350,7 +353,7 @@ def quant_linear_triton(x, qt, bias=None, out=None, split_k: int | None = None,
     b = bias.contiguous() if bias is not None else y2       # dummy pointer: HAS_BIAS=False
     on_gpu = x.is_cuda and not interpreter_on()
     meta = dict(FORMAT=fmt, GROUP=group, HAS_BIAS=bias is not None,
-                PRECISION="ieee" if x.dtype == torch.float32 else "tf32")
+                PRECISION=dot_precision(x.dtype))
     m_bucket = min(triton.next_power_of_2(M), 4096)
     if path == "skinny":
         kernel, align = _tuned("skinny", max_bk) if on_gpu else (None, _INTERP_SKINNY["BLOCK_K"])
@@ -423,20 +426,16 @@ BENCH_FORMATS = (("int8", {}), ("int4-g128", {"group_size": 128}), ("int4-g32", 
                  ("nf4", {}), ("gguf-Q4_1", {}), ("gguf-Q8_0", {}))
 
 
-def _bench_weight(fmt: str, kw: dict, N: int, K: int, dev):
-    """A random [N, K] weight (~N(0, 1/K)) quantized in ``fmt`` by tinyserve.quant.formats."""
-    from tinyserve.quant import formats
-    w = torch.randn(N, K, device=dev, dtype=torch.float32) / K ** 0.5
-    if fmt.startswith("gguf"):
-        return formats.quantize_gguf(w, fmt.split("-")[1])
-    return formats.QUANTIZERS[fmt.split("-")[0]](w, **kw)
-
-
-def bench_cases(device, small: bool = False):
+def bench_cases(device, small: bool = False, quantize=None):
     """Llama-2-7B projections x formats at M = 1, 16 (skinny) and 512 (wide), bf16 activations.
 
+    ``quantize(w, name)`` makes each weight (``tinyserve.quant.formats.quantize_as``; the bench
+    runner passes it): quantizers live above ops, which imports nothing above itself.
     bytes = the packed weight with its scales + activations in and out; peers: "cublas_bf16"
     (F.linear on the dequantized bf16 weight: what the unquantized layer pays) and "ref"."""
+    if quantize is None:
+        raise ValueError("quant_linear.bench_cases needs quantize= (e.g. tinyserve.quant."
+                         "formats.quantize_as): ops cannot import the quantizers")
     dev = torch.device(device)
     dtype = torch.bfloat16 if (dev.type == "cuda" or not small) else torch.float32
     shapes = (("tiny", 256, 96),) if small else LLAMA2_7B
@@ -448,7 +447,9 @@ def bench_cases(device, small: bool = False):
         for fmt, kw in BENCH_FORMATS:
             for M in rows:
                 def setup(M=M, K=K, N=N, fmt=fmt, kw=kw):
-                    qt = _bench_weight(fmt, kw, N, K, dev)
+                    # A random [N, K] weight ~ N(0, 1/K), quantized in ``fmt``.
+                    w32 = torch.randn(N, K, device=dev, dtype=torch.float32) / K ** 0.5
+                    qt = quantize(w32, fmt)
                     w = qt.dequantize(dtype)
                     x = torch.randn(M, K, device=dev, dtype=dtype)
                     impls = {"ref": lambda: quant_linear_ref(x, qt),
@@ -475,4 +476,4 @@ def _packed_bytes(fmt: str, kw: dict, N: int, K: int) -> int:
         return N * K // 2 + 4 * N * (K // kw["group_size"])
     if fmt == "nf4":
         return N * K // 2 + 2 * N * (K // 64)
-    return N * (K // 32) * GGUF_BLOCKS[fmt.split("-")[1]][1]
+    return N * (K // GGUF_BLOCK) * GGUF_BLOCKS[fmt.split("-")[1]][1]

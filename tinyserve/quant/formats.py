@@ -28,20 +28,15 @@ from typing import ClassVar
 
 import torch
 
-# QLoRA's NormalFloat-4 codebook: the 16 values of Dettmers et al. 2023 (QLoRA, appendix E), as
-# published in bitsandbytes' NF4 dequantization table (csrc kernels, `dDequantizeNF4`): 7
-# negative quantiles of N(0, 1) and 8 positive ones, normalized to [-1, 1], with an exact zero.
-NF4_CODEBOOK = torch.tensor([
-    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
-    -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
-    0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
-    0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0], dtype=torch.float32)
+# The layout constants the kernel reads (the NF4 codebook, block sizes, GGUF block bytes) are
+# defined once in ops, below this package: quant imports ops, never the reverse.
+from ..ops.quant_layout import GGUF_BLOCK, GGUF_BLOCK_BYTES, NF4_BLOCK_SIZE, NF4_CODEBOOK_VALUES
+
+NF4_CODEBOOK = torch.tensor(NF4_CODEBOOK_VALUES, dtype=torch.float32)   # QLoRA's 16 values
 
 INT4_GROUP_SIZES = (32, 64, 128)
-NF4_BLOCK_SIZE = 64          # QLoRA / bitsandbytes' default block of the first quantization
 DQ_BLOCK_SIZE = 256          # QLoRA's block for the second (double) quantization
-GGUF_QTYPES = {"Q4_1": 20, "Q8_0": 34}   # bytes per block of 32 weights
-GGUF_BLOCK = 32
+GGUF_QTYPES = GGUF_BLOCK_BYTES   # bytes per block of GGUF_BLOCK weights
 FAKE_BITS = range(2, 9)      # widths the generic (unpacked) group quantizer accepts
 _FP16_MAX = 65504.0
 
@@ -510,4 +505,18 @@ def dequantize_group_article(q, scales, zeros, shape=None) -> torch.Tensor:
 
 
 QUANTIZERS = {"int8": quantize_int8, "int4": quantize_int4, "nf4": quantize_nf4}
+
+
+def quantize_as(w: torch.Tensor, name: str) -> QuantizedWeight:
+    """Quantize ``w`` in a format named as the benchmarks spell it: "int8", "int4-g<g>",
+    "nf4", "nf4-dq" (double-quantized absmax), "gguf-Q4_1", "gguf-Q8_0"."""
+    if name == "int8":
+        return quantize_int8(w)
+    if name.startswith("int4-g"):
+        return quantize_int4(w, group_size=int(name[len("int4-g"):]))
+    if name in ("nf4", "nf4-dq"):
+        return quantize_nf4(w, double_quant=name == "nf4-dq")
+    if name.startswith("gguf-"):
+        return quantize_gguf(w, name[len("gguf-"):])
+    raise ValueError(f"quantize_as: unknown format name {name!r}")
 FORMATS = {"int8": Int8Weight, "int4": Int4Weight, "nf4": NF4Weight, "gguf": GGUFWeight}
