@@ -25,7 +25,7 @@ def use_real(monkeypatch, real_llm):
     """Every model the CLI loads is the session's SmolLM2 (the name is still checked)."""
     calls = []
 
-    def fake_load(model, device="auto", dtype=None):
+    def fake_load(model, device="auto", dtype=None, config=None):
         calls.append((model, device, dtype))
         return real_llm
     monkeypatch.setattr(cli, "load_llm", fake_load)
@@ -96,6 +96,13 @@ class Recorder(io.StringIO):
     ["chat", "--top-p", "2"],
     ["info", "no-such-model"],
     ["info"],
+    ["generate", "hi", "--max-num-seqs", "0"],
+    ["generate", "hi", "--block-size", "x"],
+    ["generate", "hi", "--kv", "pages"],
+    ["generate", "hi", "--max-num-seqs", "8", "--max-num-batched-tokens", "4"],
+    ["chat", "--kv", "slots", "--block-size", "8"],
+    ["chat", "--kv-cache-tokens", "64", "--kv-cache-bytes", "4096"],
+    ["info", "smollm2", "--max-num-seqs", "2"],
     ["frobnicate"],
     [],
 ])
@@ -106,6 +113,26 @@ def test_bad_arguments_exit_2_with_one_error_line(argv, capsys, no_load):
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), err
     assert "Traceback" not in err
+
+
+def test_engine_flags_name_themselves_in_errors(capsys, no_load):
+    assert cli.main(["generate", "hi", "--max-num-seqs", "8",
+                     "--max-num-batched-tokens", "4"]) == 2
+    assert "--max-num-batched-tokens (4) must be >= --max-num-seqs (8)" in capsys.readouterr().err
+
+
+def test_engine_flags_reach_the_llm(monkeypatch, capsys, fake):
+    """One EngineConfig from the shared flags; none given: LLM's own defaults."""
+    from tinyserve import EngineConfig
+    seen = []
+    monkeypatch.setattr(cli, "load_llm", lambda *a, config=None: seen.append(config) or fake)
+    monkeypatch.setattr(sys, "stdin", io.StringIO("/exit\n"))
+    assert cli.main(["chat", "--max-num-seqs", "2", "--kv", "slots", "--max-model-len",
+                     "64"]) == 0
+    assert cli.main(["chat"]) == 0
+    assert seen == [EngineConfig(max_num_seqs=2, max_num_batched_tokens=2048, kv="slots",
+                                 max_model_len=64),
+                    EngineConfig(max_num_batched_tokens=2048)]
 
 
 def test_unknown_model_message_names_the_known_models(capsys, no_load):

@@ -53,7 +53,7 @@ def test_engine_and_llm_take_a_config(tiny):
     cfg = EngineConfig(max_num_seqs=3, max_num_batched_tokens=24, max_model_len=40,
                        block_size=8, kv_cache_tokens=128)
     e = LLMEngine(tiny, None, config=cfg)
-    assert (e.scheduler.max_num_seqs, e.max_model_len, e.kv.num_blocks) == (3, 40, 16)
+    assert (e.scheduler.max_num_seqs, e.max_model_len, e.kv_cache_manager.num_blocks) == (3, 40, 16)
     assert e.config.block_size == 8
     with pytest.raises(ValueError, match="not both"):
         LLMEngine(tiny, None, max_num_seqs=3, config=cfg)
@@ -70,3 +70,55 @@ def test_engine_and_llm_take_a_config(tiny):
     with pytest.raises(ValueError, match=r"exceeds the configured max_model_len \(40\)"):
         llm.generate([[1] * 30], SamplingParams(max_tokens=20),
                      use_tqdm=False)
+
+
+# ---- the shared command-line flags (the CLI and the bench suites declare them this way) ---------
+def _parse(argv, *names, flags=None, **defaults):
+    import argparse
+
+    from tinyserve.args import add_engine_args
+    p = argparse.ArgumentParser()
+    add_engine_args(p, *names, flags=flags, **defaults)
+    return p.parse_args(argv)
+
+
+def test_from_args_builds_the_config():
+    from tinyserve.args import ENGINE_FLAGS
+    from tinyserve.engine.config import KV_KINDS
+    assert set(ENGINE_FLAGS) == set(EngineConfig.__dataclass_fields__) - {"seqs_name"}
+    assert ENGINE_FLAGS["kv"][1]["choices"] == KV_KINDS
+    assert EngineConfig.from_args(_parse([])) == EngineConfig()     # nothing given: defaults
+    args = _parse(["--max-num-seqs", "4", "--max-num-batched-tokens", "64", "--block-size", "8",
+                   "--kv-cache-tokens", "256", "--max-model-len", "100", "--no-prefix-caching"])
+    assert EngineConfig.from_args(args) == EngineConfig(
+        max_num_seqs=4, max_num_batched_tokens=64, block_size=8, kv_cache_tokens=256,
+        max_model_len=100, enable_prefix_caching=False)
+    # a caller's defaults fill only what the command line left out
+    assert EngineConfig.from_args(_parse(["--max-num-seqs", "3"]), max_num_seqs=9,
+                                  kv="slots") == EngineConfig(max_num_seqs=3, kv="slots")
+    # a parser default (shown in --help) counts as given
+    assert EngineConfig.from_args(_parse([], block_size=32)).block_size == 32
+
+
+@pytest.mark.parametrize("argv", [["--max-num-seqs", "0"], ["--block-size", "2.5"],
+                                  ["--kv", "pages"], ["--kv-cache-bytes", "-1"]])
+def test_bad_flag_values_fail_at_parse_time(argv, capsys):
+    with pytest.raises(SystemExit):
+        _parse(argv)
+    assert argv[0] in capsys.readouterr().err
+
+
+def test_from_args_errors_name_the_flags():
+    args = _parse(["--max-num-seqs", "8", "--max-num-batched-tokens", "4"])
+    with pytest.raises(ValueError, match=r"--max-num-batched-tokens \(4\) must be >= "
+                                         r"--max-num-seqs \(8\)"):
+        EngineConfig.from_args(args)
+    # a caller's own spelling of a flag is the one errors name; the canonical one still works
+    flags = {"max_num_seqs": "--max-batch"}
+    for spelling in ("--max-batch", "--max-num-seqs"):
+        args = _parse([spelling, "8"], "max_num_seqs", "max_num_batched_tokens", flags=flags)
+        with pytest.raises(ValueError, match=r"must be >= --max-batch \(8\)"):
+            EngineConfig.from_args(args, max_num_batched_tokens=4)
+    with pytest.raises(ValueError, match="--block-size, --kv-cache-tokens.* are options of "
+                                         "kv='paged'"):
+        EngineConfig.from_args(_parse(["--kv", "slots", "--block-size", "8"]))

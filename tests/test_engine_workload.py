@@ -140,7 +140,7 @@ def _same_or_near_tie(model, prompt, got, alone):
     if got == alone:
         return True
     k = next(i for i, (a, b) in enumerate(zip(got, alone)) if a != b)
-    logits = model(torch.tensor([prompt + alone[:k]]), last_only=True)[0, -1]
+    logits = model.run(torch.tensor([prompt + alone[:k]]), last_only=True)[0, -1]
     top2 = logits.topk(2).values
     return float(top2[0] - top2[1]) < TIE
 

@@ -19,11 +19,12 @@ import os
 import sys
 from pathlib import Path
 
-from .bench.common import positive_int
+from .args import add_engine_args, positive_int
 from .errors import RequestFailed
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
+LLM_BATCHED_TOKENS = 2048   # LLM's own default (EngineConfig's is 512): same engine as LLM()
 DTYPE_CHOICES = ("auto", "fp32", "float32", "bf16", "bfloat16", "fp16", "float16")
 
 
@@ -118,6 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling_args(p, max_tokens=128)
     p.add_argument("--chat", action="store_true",
                    help="send PROMPT as one user message through the model's chat template")
+    add_engine_args(p, max_num_batched_tokens=LLM_BATCHED_TOKENS)
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("chat", help="interactive chat (/reset clears history, /exit quits)",
@@ -126,6 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     p.add_argument("--system", default=None, help="system prompt (default: the template's own)")
     _add_sampling_args(p, max_tokens=512)
+    add_engine_args(p, max_num_batched_tokens=LLM_BATCHED_TOKENS)
     p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("info", help="config, parameter count and memory footprint of a model",
@@ -159,17 +162,31 @@ def _dtype_arg(dtype: str):
     return None if dtype in (None, "auto") else dtype
 
 
-def load_llm(model: str, device: str = "auto", dtype: str | None = None):
-    """Build the ``LLM``. Tests replace this function to reuse one loaded model."""
+def load_llm(model: str, device: str = "auto", dtype: str | None = None, config=None):
+    """Build the ``LLM`` (``config``: its EngineConfig, None = LLM's defaults). Tests replace
+    this function to reuse one loaded model."""
     from .llm import LLM
-    return LLM(model, device=device, dtype=_dtype_arg(dtype))
+    return LLM(model, device=device, dtype=_dtype_arg(dtype), config=config)
+
+
+def _engine_config(args):
+    """The EngineConfig of the engine flags (None for a command without them), checked
+    before anything is loaded."""
+    if not hasattr(args, "_engine_flags"):
+        return None
+    from .engine.config import EngineConfig
+    try:
+        return EngineConfig.from_args(args)
+    except ValueError as e:   # e.g. --max-num-batched-tokens below --max-num-seqs
+        raise UsageError(str(e)) from None
 
 
 def _load(args):
     from .weights.registry import ModelFetchError
     check_model_name(args.model)
+    config = _engine_config(args)
     try:
-        return load_llm(args.model, args.device, args.dtype)
+        return load_llm(args.model, args.device, args.dtype, config=config)
     except (ValueError, FileNotFoundError) as e:  # bad device, bad file, unsupported model
         raise UsageError(str(e)) from None
     except (ModelFetchError, ImportError) as e:  # no network, `gguf` missing, ...

@@ -3,12 +3,15 @@
 Speed is measured here, never in tests. Each suite is one module in this package with
 
     NAME, HELP          the sub-command and its one-line description
-    add_arguments(p)    its options (``--out`` is added for every suite)
-    run(args) -> dict   measure, print a small table, return the JSON-ready result
+    COMMON              the shared flags it takes (--device, --threads, --seed, --budget-s,
+                        --figures: ``common.COMMON_FLAGS``; ``--out`` is every suite's)
+    add_arguments(p)    its own options (engine options: ``tinyserve.args.add_engine_args``)
+    run(args) -> dict   ``common.start`` (device, threads, environment record), measure,
+                        ``common.finish`` (print its table, draw its figures), return the result
 
-and is listed in ``SUITES`` below. ``common`` holds what every suite shares: the environment
-record (card, versions, threads, date, command line), result files
-(``benchmarks/results/<machine>-<suite>.json``) and timing helpers.
+and is listed in ``SUITES`` below. ``common`` holds what every suite shares: that runner, the
+environment record (card, versions, threads, load average, date, command line), result files
+(``benchmarks/results/<machine>-<suite>.json``), timing helpers and the time budget.
 
 Suites:
     roofline   measured copy bandwidth and matmul rate: the ceilings everything is a fraction of

@@ -12,7 +12,7 @@ import importlib
 import sys
 
 from . import SUITES
-from .common import DEFAULT_OUT, log, write_result
+from .common import add_suite_args, log, write_result
 
 PROG = "python -m tinyserve.bench"
 
@@ -35,9 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
         mod = importlib.import_module(modname)
         p = sub.add_parser(name, help=mod.HELP, description=(mod.__doc__ or mod.HELP),
                            formatter_class=argparse.RawDescriptionHelpFormatter)
-        p.add_argument("--out", default=str(DEFAULT_OUT),
-                       help=f"directory for the result JSON (default: {DEFAULT_OUT})")
-        mod.add_arguments(p)
+        add_suite_args(p, mod)
         p.set_defaults(module=mod)
     return parser
 

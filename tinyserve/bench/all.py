@@ -14,19 +14,16 @@ import argparse
 import importlib
 import importlib.util
 
-from .common import log, set_threads, write_result
+from .common import add_suite_args, comma_list, log, start, write_result
 
 NAME = "all"
 HELP = "roofline + ops + decode (+ generate if gguf and the model file are here), one JSON each"
 PARTS = ("roofline", "ops", "decode", "generate")
+COMMON = ("device", "threads", "figures")
 
 
 def add_arguments(p) -> None:
-    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads (default: torch's own choice)")
     p.add_argument("--small", action="store_true", help="ops: small shapes (always on CPU)")
-    p.add_argument("--figures", default="figures", help="directory for the plots ('' = none)")
     p.add_argument("--skip", default="", help=f"comma list of parts to skip ({', '.join(PARTS)})")
 
 
@@ -34,8 +31,7 @@ def _sub_args(modname: str, argv: list[str]):
     """The suite's own parser and defaults, as if it were run as ``SUITE argv``."""
     mod = importlib.import_module(f"tinyserve.bench.{modname}")
     p = argparse.ArgumentParser(prog=f"all:{modname}")
-    p.add_argument("--out")
-    mod.add_arguments(p)
+    add_suite_args(p, mod)
     args = p.parse_args(argv)
     args.argv = [modname, *argv]
     return mod, args
@@ -52,14 +48,10 @@ def generate_unavailable() -> str | None:
 
 
 def run(args) -> dict:
-    from . import roofline
-    from .common import env_info
-    device = roofline.resolve_device(args.device)
-    set_threads(args.threads)
-    skip = {s.strip() for s in args.skip.split(",") if s.strip()}
+    skip = set(comma_list(args.skip, "skip", empty_ok=True))
     if skip - set(PARTS):
         raise ValueError(f"--skip: unknown part(s) {sorted(skip - set(PARTS))}; parts: {PARTS}")
-    env = env_info(device, getattr(args, "argv", None))
+    device, env = start(args)
     common = ["--device", str(device)] + (["--threads", str(args.threads)] if args.threads else [])
     figs = ["--figures", args.figures]
     plan = {

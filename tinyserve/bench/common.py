@@ -14,10 +14,12 @@ import platform
 import re
 import statistics
 import sys
+import time
 from importlib import metadata
 from pathlib import Path
 from typing import Callable, Sequence
 
+from ..args import nonnegative_int, positive_int  # noqa: F401  (the suites' argparse types)
 from ..timing import clock, synchronize  # noqa: F401  (the suites time with these)
 
 DEFAULT_OUT = Path("benchmarks") / "results"
@@ -69,6 +71,11 @@ def _version(dist: str) -> str | None:
         return None
 
 
+def load_avg() -> float | None:
+    """The machine's 1-minute load average (None where the OS has none)."""
+    return os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+
+
 def env_info(device, argv: Sequence[str] | None = None, prog: str = "python -m tinyserve.bench"
              ) -> dict:
     """Date, command line, versions, platform and hardware for a result file."""
@@ -96,7 +103,7 @@ def env_info(device, argv: Sequence[str] | None = None, prog: str = "python -m t
         "torch_threads": torch.get_num_threads(),
         "gpu": gpu_name(device),
         # other work on the machine distorts CPU timings: keep the evidence with the numbers
-        "load_avg_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+        "load_avg_1m": load_avg(),
     }
     if device.type == "cuda":
         info["cuda"] = torch.version.cuda
@@ -171,21 +178,109 @@ def set_threads(n: int | None) -> None:
         torch.set_num_threads(n)
 
 
-# ---- argparse types shared by the suites and the CLI: bad values fail at parse time ----------
-def _int_at_least(s: str, low: int) -> int:
-    import argparse
+# ---- the runner: the flags, the start and the end every suite shares ------------------------
+COMMON_FLAGS = {   # a suite's COMMON names the ones it takes; add_arguments declares the rest
+    "device": (("--device",), dict(default="auto", help="auto (cuda if available), cpu, cuda")),
+    "threads": (("--threads",), dict(type=positive_int, default=None,
+                                     help="torch CPU threads (default: torch's own choice)")),
+    "seed": (("--seed",), dict(type=int, default=0)),
+    "budget": (("--budget-s",), dict(type=float, default=None, help=(
+        "start no new measurement after this many seconds (the result says what was "
+        "skipped)"))),
+    "figures": (("--figures",), dict(default="figures",
+                                     help="directory for the plots ('' = none)")),
+}
+
+
+def add_suite_args(p, mod) -> None:
+    """A suite's whole command line: --out, the shared flags it names in ``COMMON``, its own."""
+    p.add_argument("--out", default=str(DEFAULT_OUT),
+                   help=f"directory for the result JSON (default: {DEFAULT_OUT})")
+    for name in getattr(mod, "COMMON", ()):
+        opts, kw = COMMON_FLAGS[name]
+        p.add_argument(*opts, **kw)
+    mod.add_arguments(p)
+
+
+def resolve_device(name: str = "auto"):
+    import torch
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA device here")
+    if dev.type not in ("cuda", "cpu"):
+        raise ValueError(f"unsupported device {name!r} (cpu or cuda)")
+    return dev
+
+
+def start(args) -> tuple:
+    """A suite's first step: -> (the device, the environment record). Threads are set first
+    (the record holds them); the record is taken before the suite loads anything, so its load
+    average is the machine's, not ours."""
+    device = resolve_device(args.device)
+    set_threads(args.threads)
+    return device, env_info(device, getattr(args, "argv", None))
+
+
+def finish(result: dict, args, report: Callable[[dict], str]) -> dict:
+    """A suite's last step: print its table, draw its figures (``--figures``, if it has it)."""
+    print(report(result))
+    if getattr(args, "figures", None):
+        from .plots import plot_result
+        for path in plot_result(result, args.figures):
+            log(f"[{result['suite']}] figure {path}")
+    return result
+
+
+class Budget:
+    """``--budget-s``: start no new measurement once this many seconds have passed."""
+    SKIPPED = "time budget spent"
+
+    def __init__(self, seconds: float | None):
+        self.seconds, self.t0 = seconds, time.perf_counter()
+
+    def spent(self) -> bool:
+        return self.seconds is not None and time.perf_counter() - self.t0 > self.seconds
+
+
+def time_calls(fn: Callable, repeats: int, warmup: int = 1, device=None) -> list[float]:
+    """Seconds of each of ``repeats`` calls of ``fn`` after ``warmup`` untimed ones (the clock
+    waits for ``device``'s queued work)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = clock(device)
+        fn()
+        times.append(clock(device) - t0)
+    return times
+
+
+def free_memory(device) -> None:
+    """Drop what the last model left behind before the next one is built."""
+    import gc
+
+    import torch
+    gc.collect()
+    if torch.device(device).type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def comma_list(s: str, what: str, cast=str, positive=False, empty_ok=False) -> list:
+    """``--what`` as a comma list, each item ``cast``: '1,2,4' -> [1, 2, 4]; else a clear error."""
     try:
-        v = int(s)
+        vals = [cast(x.strip()) for x in s.split(",") if x.strip()]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {s!r}") from None
-    if v < low:
-        raise argparse.ArgumentTypeError(f"must be >= {low}, got {v}")
-    return v
+        raise ValueError(f"--{what}: expected comma-separated {cast.__name__}s, got {s!r}"
+                         ) from None
+    if not vals and not empty_ok:
+        raise ValueError(f"--{what}: empty list")
+    if positive and any(not v > 0 for v in vals):
+        raise ValueError(f"--{what}: {what} must be > 0, got {s!r}")
+    return vals
 
 
-def positive_int(s: str) -> int:
-    return _int_at_least(s, 1)
-
-
-def nonnegative_int(s: str) -> int:
-    return _int_at_least(s, 0)
+def fmt(x, spec: str = ".2f", suffix: str = "") -> str:
+    """A table cell: '-' for a missing number."""
+    return "-" if x is None else format(x, spec) + suffix

@@ -23,11 +23,11 @@ last prompt position) confirms both models hold the same weights.
 """
 from __future__ import annotations
 
-import gc
 import statistics
-import time
 
-from .common import log, positive_int, set_threads, table
+from .common import Budget, clock, comma_list, finish, free_memory, log, positive_int, repeat, \
+    start, table, time_calls
+from .hf import build_hf, hf_config, hf_name  # noqa: F401  (the HF peer: its own module now)
 
 NAME = "decode"
 HELP = "decode tokens/s of Llama-3.2-1B / Llama-2-7B shapes (random weights): ours vs HF"
@@ -54,10 +54,10 @@ def named_configs() -> dict:
     return named
 
 
+COMMON = ("device", "threads", "seed", "budget", "figures")
+
+
 def add_arguments(p) -> None:
-    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda")
-    p.add_argument("--threads", type=positive_int, default=None,
-                   help="torch CPU threads (default: torch's own choice)")
     p.add_argument("--models", default=None,
                    help=f"comma list of shapes in tinyserve.analysis.SHAPES or tiny, tiny-mha "
                         f"(default: {DEFAULT_GPU_MODELS} on CUDA, tiny on CPU)")
@@ -70,20 +70,10 @@ def add_arguments(p) -> None:
     p.add_argument("--backend", default="auto", help="tinyserve ops backend: auto, ref, triton")
     p.add_argument("--no-hf", action="store_true", help="skip HF transformers")
     p.add_argument("--no-graph", action="store_true", help="skip the CUDA-graph run of ours")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--budget-s", type=float, default=None,
-                   help="start no new (model, batch) run after this many seconds")
-    p.add_argument("--figures", default="figures", help="directory for the plot ('' = none)")
 
 
 def int_list(s: str, what: str) -> list[int]:
-    try:
-        vals = [int(x) for x in s.split(",") if x.strip()]
-    except ValueError:
-        raise ValueError(f"--{what}: expected comma-separated integers, got {s!r}") from None
-    if not vals or min(vals) <= 0:
-        raise ValueError(f"--{what}: expected positive integers, got {s!r}")
-    return vals
+    return comma_list(s, what, int, positive=True)
 
 
 # ---- the two models, one set of weights ----------------------------------------------------
@@ -108,79 +98,14 @@ def build_ours(config, device, dtype, backend="auto", seed=0):
     return model.eval()
 
 
-_HF_TOP = {"embed.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
-           "lm_head.weight": "lm_head.weight"}
-_HF_LAYER = {"attn_norm": "input_layernorm", "mlp_norm": "post_attention_layernorm",
-             "attn.wq": "self_attn.q_proj", "attn.wk": "self_attn.k_proj",
-             "attn.wv": "self_attn.v_proj", "attn.wo": "self_attn.o_proj",
-             "mlp.w_gate": "mlp.gate_proj", "mlp.w_up": "mlp.up_proj", "mlp.w_down": "mlp.down_proj"}
-
-
-def hf_name(name: str) -> str:
-    """Our parameter name -> HF LlamaForCausalLM's ("layers.3.attn.wk.weight" ->
-    "model.layers.3.self_attn.k_proj.weight")."""
-    if name in _HF_TOP:
-        return _HF_TOP[name]
-    _, i, rest = name.split(".", 2)           # "layers", "3", "attn.wk.weight"
-    module, _, param = rest.rpartition(".")
-    return f"model.layers.{i}.{_HF_LAYER[module]}.{param}"
-
-
-def hf_config(c):
-    from transformers import LlamaConfig
-    return LlamaConfig(
-        vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
-        num_hidden_layers=c.num_layers, num_attention_heads=c.num_heads,
-        num_key_value_heads=c.num_kv_heads, head_dim=c.head_dim, rms_norm_eps=c.rms_norm_eps,
-        rope_theta=c.rope_theta, rope_scaling=dict(c.rope_scaling) if c.rope_scaling else None,
-        max_position_embeddings=c.max_position_embeddings,
-        tie_word_embeddings=c.tie_word_embeddings, attention_bias=False, mlp_bias=False,
-        hidden_act="silu", bos_token_id=None, eos_token_id=None, pad_token_id=None)
-
-
-def build_hf(model):
-    """LlamaForCausalLM on the meta device whose parameters ARE ``model``'s tensors."""
-    import torch
-    from transformers import LlamaForCausalLM
-    cfg = hf_config(model.config)
-    with torch.device("meta"):
-        hf = LlamaForCausalLM(cfg)
-    ours = dict(model.named_parameters())
-    if model.config.tie_word_embeddings:
-        ours["lm_head.weight"] = ours["embed.weight"]
-    mapped = {hf_name(n): p for n, p in ours.items()}
-    names = [n for n, _ in hf.named_parameters(remove_duplicate=False)]
-    if set(names) != set(mapped):
-        raise RuntimeError(f"weight names differ: HF-only {sorted(set(names) - set(mapped))[:4]}, "
-                           f"ours-only {sorted(set(mapped) - set(names))[:4]}")
-    for n in names:
-        mod_name, _, attr = n.rpartition(".")
-        hf.get_submodule(mod_name)._parameters[attr] = mapped[n]
-    # Buffers computed at init (the RoPE frequencies) are meta too: rebuild those modules.
-    for mod_name, mod in list(hf.named_modules()):
-        if any(b.is_meta for b in mod.buffers(recurse=False)):
-            parent, _, attr = mod_name.rpartition(".")
-            setattr(hf.get_submodule(parent), attr, type(mod)(config=cfg).to(model.device))
-    left = [n for n, t in list(hf.named_parameters()) + list(hf.named_buffers()) if t.is_meta]
-    if left:
-        raise RuntimeError(f"HF model still has meta tensors: {left[:4]}")
-    return hf.eval()
-
-
 # ---- timing ----------------------------------------------------------------------------------
-def _sync(device):
-    import torch
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def time_ours(model, ids, N, cuda_graph, repeats) -> dict:
     from .. import generate as gen_mod
     bench = getattr(gen_mod, "benchmark_decode", None)
     if bench is None:
         raise RuntimeError("tinyserve.generate.benchmark_decode is not there yet")
-    bench(model, ids, N, cuda_graph=cuda_graph)   # warm-up: compile, autotune, capture
-    runs = [bench(model, ids, N, cuda_graph=cuda_graph) for _ in range(repeats)]
+    # one warm-up call first: compile, autotune, capture
+    runs = repeat(lambda: bench(model, ids, N, cuda_graph=cuda_graph), repeats)
     return {"prefill_s": statistics.median(r["prefill_s"] for r in runs),
             "decode_s": statistics.median(r["decode_s"] for r in runs),
             "capture_s": statistics.median(r.get("capture_s", 0.0) for r in runs),
@@ -210,16 +135,11 @@ def time_hf(hf, ids, N, repeats) -> dict:
         prefill()
         pre, tot, out = [], [], None
         for _ in range(repeats):
-            for _ in range(3):   # the fastest of 3: a fixed cost, so noise only adds to it
-                _sync(dev)
-                t0 = time.perf_counter()
-                prefill()
-                _sync(dev)
-                pre.append(time.perf_counter() - t0)
-            t0 = time.perf_counter()
+            # the fastest of 3: a fixed cost, so noise only adds to it
+            pre += time_calls(prefill, 3, warmup=0, device=dev)
+            t0 = clock(dev)
             out = gen(N)
-            _sync(dev)
-            tot.append(time.perf_counter() - t0)
+            tot.append(clock(dev) - t0)
     p, t = min(pre), statistics.median(tot)
     return {"prefill_s": p, "total_s": t, "decode_s": t - p, "total_s_values": tot,
             "tokens": out[:, ids.shape[1]:]}
@@ -245,7 +165,7 @@ def _try(fn, what: str):
         return None, f"{type(e).__name__}: {e}"[:500]
 
 
-def run_model(name, config, device, dtype, batches, P, N, roof, args, t_start) -> list[dict]:
+def run_model(name, config, device, dtype, batches, P, N, roof, args, budget) -> list[dict]:
     import torch
 
     from ..analysis import decode_ceiling_tok_s, kv_cache_bytes, step_weight_bytes
@@ -260,8 +180,8 @@ def run_model(name, config, device, dtype, batches, P, N, roof, args, t_start) -
     for B in batches:
         rec = {"model": name, "batch": B, "prompt_len": P, "new_tokens": N,
                "params": sum(p.numel() for p in model.parameters()), "weight_bytes": weight_bytes}
-        if args.budget_s is not None and time.perf_counter() - t_start > args.budget_s:
-            out.append({**rec, "skipped": "time budget spent"})
+        if budget.spent():
+            out.append({**rec, "skipped": Budget.SKIPPED})
             continue
         ids = torch.randint(0, c.vocab_size, (B, P), generator=g).to(device)
         ctx = P + N / 2                   # mean context over the decode steps
@@ -275,7 +195,7 @@ def run_model(name, config, device, dtype, batches, P, N, roof, args, t_start) -
         if hf is not None and logit_check is None:
             def check():
                 with torch.no_grad():
-                    a = model(ids[:1], last_only=True)[0, -1].float()
+                    a = model.run(ids[:1], last_only=True)[0, -1].float()
                     b = hf(ids[:1]).logits[0, -1].float()
                 return {"max_abs_diff": (a - b).abs().max().item(),
                         "max_abs_logit": b.abs().max().item(),
@@ -320,18 +240,14 @@ def run_model(name, config, device, dtype, batches, P, N, roof, args, t_start) -
         r["hf_attn_implementation"] = getattr(getattr(hf, "config", None),
                                               "_attn_implementation", None)
     del model, hf
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
+    free_memory(device)
     return out
 
 
 def run(args) -> dict:
     import torch
     from . import roofline
-    from .common import env_info
-    device = roofline.resolve_device(args.device)
-    set_threads(args.threads)
+    device, env = start(args)
     cuda = device.type == "cuda"
     named = named_configs()
     models = [m.strip().lower() for m in (args.models or (DEFAULT_GPU_MODELS if cuda else "tiny"))
@@ -345,17 +261,16 @@ def run(args) -> dict:
     if P <= 0 or N < 2 or args.repeats < 1 or args.hf_repeats < 1:
         raise ValueError("need --prompt-len >= 1, --new-tokens >= 2, repeats >= 1")
     dtype = torch.bfloat16 if cuda else torch.float32
-    env = env_info(device, getattr(args, "argv", None))
     roof = roofline.measure(device)
     log(f"[decode] roofline: {roofline.describe(roof)}")
-    t_start = time.perf_counter()
+    budget = Budget(args.budget_s)
     runs = []
     for name in models:
-        if args.budget_s is not None and time.perf_counter() - t_start > args.budget_s:
+        if budget.spent():
             runs += [{"model": name, "batch": B, "prompt_len": P, "new_tokens": N,
-                      "skipped": "time budget spent"} for B in batches]
+                      "skipped": Budget.SKIPPED} for B in batches]
             continue
-        runs += run_model(name, named[name], device, dtype, batches, P, N, roof, args, t_start)
+        runs += run_model(name, named[name], device, dtype, batches, P, N, roof, args, budget)
     result = {"suite": NAME, "env": env,
               "config": {"device": str(device), "dtype": str(dtype).replace("torch.", ""),
                          "models": {m: named[m].to_dict() for m in models}, "batch_sizes": batches,
@@ -364,12 +279,7 @@ def run(args) -> dict:
                          "weights": "random normal(0, 0.02), norms 1", "seed": args.seed,
                          "budget_s": args.budget_s},
               "roofline": roof, "runs": runs}
-    print(report(result))
-    if args.figures:
-        from . import plots
-        for path in plots.plot_result(result, args.figures):
-            log(f"[decode] figure {path}")
-    return result
+    return finish(result, args, report)
 
 
 def report(result: dict) -> str:

@@ -18,10 +18,12 @@ from __future__ import annotations
 
 import time
 
-from .common import clock, log, nonnegative_int, positive_int, summarize, table
+from .common import clock, load_avg, log, nonnegative_int, positive_int, start, summarize, table
+from .hf import load_hf
 
 NAME = "generate"
 HELP = "batch-1 greedy decode tokens/s on SmolLM2: tinyserve vs HF transformers generate"
+COMMON = ("device", "threads")
 DEFAULT_PROMPT = ("Once upon a time, in a small village at the edge of a great forest, there "
                   "lived an old clockmaker who")
 
@@ -37,11 +39,8 @@ def add_arguments(p) -> None:
     p.add_argument("--warmup", type=nonnegative_int, default=1,
                    help="untimed runs per side first (default: 1)")
     p.add_argument("--no-hf", action="store_true", help="skip HF transformers")
-    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda")
     p.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, fp32 on CPU), fp32, "
                                                    "bf16, fp16")
-    p.add_argument("--threads", type=positive_int, default=None,
-                   help="torch CPU threads (default: torch's own choice)")
 
 
 # ---- one timed run per side --------------------------------------------------------------
@@ -91,25 +90,6 @@ def _hf_streamer_clock():
     return StepClock()
 
 
-def load_hf(path, dtype, device):
-    """HF transformers' own reading of the same weights (a .gguf file or an HF directory)."""
-    from pathlib import Path
-
-    import transformers
-    from packaging.version import Version
-    try:
-        transformers.utils.logging.disable_progress_bar()
-    except AttributeError:
-        pass
-    p = Path(path)
-    kw = {"gguf_file": p.name} if p.is_file() else {}
-    where = str(p.parent if p.is_file() else p)
-    dtype_kw = "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"
-    kw[dtype_kw] = dtype
-    model = transformers.AutoModelForCausalLM.from_pretrained(where, **kw)
-    return model.to(device).eval()
-
-
 def run_hf(model, ids: list[int], max_tokens: int, pad_id: int) -> dict:
     import torch
     dev = model.device
@@ -144,11 +124,6 @@ def _median(side: dict, key: str):
     return side.get(key, {}).get("median") if isinstance(side, dict) else None
 
 
-def _loadavg():
-    import os
-    return os.getloadavg()[0] if hasattr(os, "getloadavg") else None
-
-
 def _agreement(a: list[int], b: list[int]) -> int:
     n = 0
     for x, y in zip(a, b):
@@ -159,18 +134,11 @@ def _agreement(a: list[int], b: list[int]) -> int:
 
 
 def run(args) -> dict:
-    import torch
-
-    from ..loader import load_model, resolve_device, resolve_dtype, resolve_source
-    from .common import env_info
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = resolve_device(args.device)
+    from ..loader import load_model, resolve_dtype, resolve_source
+    device, env = start(args)                  # the load average before we add ours
     dtype = resolve_dtype(None if args.dtype == "auto" else args.dtype, device)
     path = resolve_source(args.model)
     N = args.max_tokens
-    env = env_info(device, getattr(args, "argv", None))  # load average before we add ours
 
     log(f"[generate] loading {path} on {device} in {dtype} ...")
     t = time.perf_counter()
@@ -234,7 +202,7 @@ def run(args) -> dict:
 
     result = {
         "suite": NAME,
-        "env": {**env, "load_avg_1m_end": _loadavg()},
+        "env": {**env, "load_avg_1m_end": load_avg()},
         "config": {"model": args.model, "source": str(path), "device": str(device),
                    "dtype": str(dtype).replace("torch.", ""), "batch_size": 1,
                    "decoding": "greedy", "prompt": args.prompt, "prompt_tokens": len(ids),

@@ -21,9 +21,9 @@ from __future__ import annotations
 import importlib
 import pkgutil
 import statistics
-import time
 
-from .common import log, positive_int, set_threads, table
+from .common import Budget, comma_list, finish, free_memory, log, positive_int, start, table, \
+    time_calls
 
 NAME = "ops"
 HELP = "each op's Triton kernel vs its peers (cuBLAS, SDPA, eager ref), fraction of roofline"
@@ -31,10 +31,10 @@ CPU_TRITON_SKIP = ("CPU: triton would run under the interpreter, whose speed mea
                    "(time it on a GPU)")
 
 
+COMMON = ("device", "threads", "budget", "figures")
+
+
 def add_arguments(p) -> None:
-    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda")
-    p.add_argument("--threads", type=positive_int, default=None,
-                   help="torch CPU threads (default: torch's own choice)")
     p.add_argument("--small", action="store_true",
                    help="small shapes (always on CPU): checks the harness, measures nothing")
     p.add_argument("--ops", default=None,
@@ -42,9 +42,6 @@ def add_arguments(p) -> None:
     p.add_argument("--warmup-ms", type=float, default=25, help="do_bench warmup (CUDA)")
     p.add_argument("--rep-ms", type=float, default=100, help="do_bench measuring time (CUDA)")
     p.add_argument("--repeats", type=positive_int, default=5, help="timed calls per impl on CPU")
-    p.add_argument("--budget-s", type=float, default=None,
-                   help="stop starting new cases after this many seconds (rest: skipped)")
-    p.add_argument("--figures", default="figures", help="directory for the plots ('' = none)")
 
 
 def discover(only: list[str] | None = None) -> tuple[dict, dict]:
@@ -63,8 +60,16 @@ def discover(only: list[str] | None = None) -> tuple[dict, dict]:
         except Exception as e:  # an op being rewritten must not take the others down
             errors[name] = f"import failed: {type(e).__name__}: {e}"
             continue
-        if callable(getattr(mod, "bench_cases", None)):
-            found[name] = mod.bench_cases
+        fn = getattr(mod, "bench_cases", None)
+        if callable(fn):
+            # ops imports nothing above itself: an op whose cases need quantized weights
+            # (quant_linear) takes the quantizer from here, above both ops and quant.
+            import inspect
+            if "quantize" in inspect.signature(fn).parameters:
+                import functools
+                from tinyserve.quant.formats import quantize_as
+                fn = functools.partial(fn, quantize=quantize_as)
+            found[name] = fn
     return found, errors
 
 
@@ -77,12 +82,8 @@ def time_call(fn, device, warmup_ms=25, rep_ms=100, repeats=5) -> dict:
         torch.cuda.synchronize(device)
         ms = do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median")
         return {"time_s": ms * 1e-3, "method": "do_bench median"}
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return {"time_s": statistics.median(times), "method": f"perf_counter median of {repeats}"}
+    return {"time_s": statistics.median(time_calls(fn, repeats, warmup=0)),
+            "method": f"perf_counter median of {repeats}"}
 
 
 def _derive(entry: dict, case, roof: dict) -> dict:
@@ -102,7 +103,6 @@ def _record(case) -> dict:
 
 
 def run_case(case, device, roof: dict, args) -> dict:
-    import torch
     rec = _record(case)
     try:
         impls = case.setup()
@@ -125,7 +125,7 @@ def run_case(case, device, roof: dict, args) -> dict:
                 rec["impls"][impl] = {"error": f"{type(e).__name__}: {e}"[:500]}
     del impls
     if device.type == "cuda":
-        torch.cuda.empty_cache()
+        free_memory(device)
     ours = rec["impls"].get(case.ours, {})
     if "time_s" in ours:
         ours["speedup"] = {p: rec["impls"][p]["time_s"] / ours["time_s"]
@@ -135,16 +135,12 @@ def run_case(case, device, roof: dict, args) -> dict:
 
 def run(args) -> dict:
     from . import roofline
-    from .common import env_info
-    device = roofline.resolve_device(args.device)
-    set_threads(args.threads)
+    device, env = start(args)
     small = args.small or device.type != "cuda"
-    env = env_info(device, getattr(args, "argv", None))
-    only = [s.strip() for s in args.ops.split(",") if s.strip()] if args.ops else None
-    found, errors = discover(only)   # a bad --ops fails before anything is measured
-    roof = roofline.measure(device)
+    found, errors = discover(comma_list(args.ops, "ops") if args.ops else None)   # a bad
+    roof = roofline.measure(device)           # --ops fails before anything is measured
     log(f"[ops] roofline: {roofline.describe(roof)}")
-    t_start = time.perf_counter()
+    budget = Budget(args.budget_s)
     cases, notes = [], []
     if device.type != "cuda":
         notes.append("triton implementations skipped: " + CPU_TRITON_SKIP)
@@ -155,8 +151,8 @@ def run(args) -> dict:
             errors[op] = f"bench_cases failed: {type(e).__name__}: {e}"
             continue
         for case in op_cases:
-            if args.budget_s is not None and time.perf_counter() - t_start > args.budget_s:
-                cases.append({**_record(case), "skipped": "time budget spent"})
+            if budget.spent():
+                cases.append({**_record(case), "skipped": Budget.SKIPPED})
                 continue
             log(f"[ops] {case.op}: {case.name}")
             cases.append(run_case(case, device, roof, args))
@@ -171,12 +167,7 @@ def run(args) -> dict:
         "op_errors": errors,
         "notes": notes,
     }
-    print(report(result))
-    if args.figures:
-        from . import plots
-        for path in plots.plot_result(result, args.figures):
-            log(f"[ops] figure {path}")
-    return result
+    return finish(result, args, report)
 
 
 def report(result: dict) -> str:

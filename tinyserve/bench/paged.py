@@ -34,10 +34,15 @@ from __future__ import annotations
 import math
 from dataclasses import replace
 
-from .common import clock, log, positive_int, set_threads, table
+from ..args import add_engine_args
+from .common import clock, finish, log, positive_int, start, table
 
 NAME = "paged"
 HELP = "paged KV store vs contiguous slots: waste, sequences per KV budget, prefix caching"
+COMMON = ("device", "threads", "seed")
+# the suite's own spelling of the engine's flags (older command lines keep working)
+FLAG_SPELLING = {"max_num_seqs": "--max-seqs", "max_num_batched_tokens": "--max-batched-tokens",
+                 "block_size": None}
 
 _CPU = dict(model="smollm2", num_requests=48, prompt_len="32,0.8,4,256",
             output_len="24,1.0,2,160", prefix_requests=16, system_len=192,
@@ -53,9 +58,6 @@ def add_arguments(p) -> None:
     p.add_argument("--model", default=None,
                    help="smollm2 (default on CPU), llama-3.2-1b (default on CUDA), llama-2-7b, "
                         "tiny")
-    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda")
-    p.add_argument("--threads", type=positive_int, default=None,
-                   help="torch CPU threads (default: torch's own choice)")
     p.add_argument("--num-requests", type=positive_int, default=None,
                    help="requests of the memory / throughput runs (default 48 CPU, 256 CUDA)")
     p.add_argument("--prompt-len", default=None,
@@ -64,11 +66,6 @@ def add_arguments(p) -> None:
                    help="median,sigma,lo,hi of the output lengths (default 24,1.0,2,160 CPU)")
     p.add_argument("--budget-seqs", type=positive_int, default=4,
                    help="the KV budget, in max_model_len sequences (= the slot pool's slots)")
-    p.add_argument("--max-seqs", type=positive_int, default=64,
-                   help="paged: most sequences at once (the blocks decide below that)")
-    p.add_argument("--block-size", type=positive_int, default=16)
-    p.add_argument("--max-batched-tokens", type=positive_int, default=None,
-                   help="token budget per step (default 256 CPU, 2048 CUDA)")
     p.add_argument("--prefix-requests", type=positive_int, default=None,
                    help="requests of the prefix-caching runs (default 16 CPU, 64 CUDA)")
     p.add_argument("--system-len", type=positive_int, default=None,
@@ -77,7 +74,10 @@ def add_arguments(p) -> None:
                    help="median,sigma,lo,hi of the user part after it (default 16,0.5,4,64 CPU)")
     p.add_argument("--repeat-system-len", type=positive_int, default=400,
                    help="tokens of the system prompt repeated across two LLM calls (400)")
-    p.add_argument("--seed", type=int, default=0)
+    add_engine_args(p, *FLAG_SPELLING, flags=FLAG_SPELLING, max_num_seqs=64,
+                    block_size=16).description = (
+        "the paged engine's (the slots one runs --budget-seqs sequences); tokens per step: "
+        "default 256 on CPU, 2048 on CUDA")
 
 
 # ---- one run, instrumented -------------------------------------------------------------------
@@ -86,14 +86,14 @@ def _instrument(engine, device) -> dict:
     used token slots, tokens fed] (sampled before it, timed to its end); the prompt tokens
     each admission found cached; the preemptions."""
     seen = {"samples": [], "cached": [], "preemptions": 0}
-    execute, allocate, preempt = (engine.runner.execute, engine.kv.allocate,
+    kv = engine.kv_cache_manager
+    execute, allocate, preempt = (engine.runner.execute, kv.allocate,
                                   engine.scheduler.preempt)
 
-    def execute_and_sample(chunks):
-        kv = engine.kv
+    def execute_and_sample(sched):
         row = [clock(device), len(engine.scheduler.running), kv.reserved_tokens(),
-               kv.used_tokens(), sum(c.num_tokens for c in chunks)]
-        out = execute(chunks)
+               kv.used_tokens(), sum(c.num_tokens for c in sched.chunks)]
+        out = execute(sched)
         row[0] = clock(device) - row[0]
         seen["samples"].append(row)
         return out
@@ -105,7 +105,7 @@ def _instrument(engine, device) -> dict:
     def preempt_and_count(seq):
         seen["preemptions"] += 1
         preempt(seq)
-    engine.runner.execute, engine.kv.allocate = execute_and_sample, allocate_and_count
+    engine.runner.execute, kv.allocate = execute_and_sample, allocate_and_count
     engine.scheduler.preempt = preempt_and_count
     return seen
 
@@ -121,18 +121,20 @@ def memory_stats(samples) -> dict:
             "fed_tokens": sum(s[4] for s in samples)}
 
 
-def run_engine(model, work, device, **engine_kw):
-    """Play ``work`` in real time through an instrumented ``LLMEngine(model, **engine_kw)``.
+def run_engine(model, work, device, config=None, **engine_kw):
+    """Play ``work`` in real time through an instrumented ``LLMEngine(model, config=config)``
+    (``engine_kw``: the options of an EngineConfig, when none is given).
     -> (serving summary + memory stats, {request_id: token ids}, samples)."""
-    from ..engine import LLMEngine, PagedKVStore
+    from ..engine import KVCacheManager, LLMEngine
+    from ..engine.config import EngineConfig
     from ..engine.workload import run_workload, summarize
-    engine = LLMEngine(model, None, **engine_kw)
+    engine = LLMEngine(model, None, config=config or EngineConfig(**engine_kw))
     seen = _instrument(engine, device)
     run = run_workload(engine, work)
-    kv = engine.kv
+    kv = engine.kv_cache_manager
     out = {**summarize(run), **memory_stats(seen["samples"]),
            "cached_prompt_tokens": sum(seen["cached"]), "preemptions": seen["preemptions"],
-           "kv_capacity_tokens": (kv.num_blocks * kv.block_size if isinstance(kv, PagedKVStore)
+           "kv_capacity_tokens": (kv.num_blocks * kv.block_size if isinstance(kv, KVCacheManager)
                                   else kv.num_slots * kv.max_model_len)}
     return out, {r["request_id"]: r["token_ids"] for r in run["requests"]}, seen["samples"]
 
@@ -141,12 +143,10 @@ def run_engine(model, work, device, **engine_kw):
 def run(args) -> dict:
     import numpy as np
 
+    from ..engine.config import EngineConfig
     from ..engine.workload import make_workload
-    from . import roofline
-    from .common import env_info
     from .serving import length_dist, load_models
-    device = roofline.resolve_device(args.device)
-    set_threads(args.threads)
+    device, env = start(args)
     d = _CUDA if device.type == "cuda" else _CPU
     name = (args.model or d["model"]).lower()
     prompt = length_dist(args.prompt_len or d["prompt_len"], "prompt-len")
@@ -155,10 +155,9 @@ def run(args) -> dict:
     n_req = args.num_requests or d["num_requests"]
     n_pre = args.prefix_requests or d["prefix_requests"]
     sys_len = args.system_len or d["system_len"]
-    mbt = args.max_batched_tokens or d["max_batched_tokens"]
-    if mbt < args.max_seqs:
-        raise ValueError(f"--max-batched-tokens ({mbt}) must be >= --max-seqs ({args.max_seqs})")
-    env = env_info(device, getattr(args, "argv", None))
+    # the paged engine's options; each run below sets its length and KV budget
+    base = EngineConfig.from_args(args, max_num_batched_tokens=d["max_batched_tokens"])
+    mbt = base.max_num_batched_tokens
     log(f"[paged] loading {name} on {device} ...")
     model = load_models(name, device, False, args.seed)[0]
     V, ctx = model.config.vocab_size, model.config.max_position_embeddings
@@ -170,17 +169,16 @@ def run(args) -> dict:
     budget = args.budget_seqs * L
     work = make_workload(n_req, math.inf, V, prompt, output, args.seed)
     systems = {
-        "slots": dict(kv="slots", max_num_seqs=args.budget_seqs),
-        "paged": dict(kv="paged", max_num_seqs=args.max_seqs, kv_cache_tokens=budget,
-                      block_size=args.block_size)}
+        "slots": EngineConfig(kv="slots", max_num_seqs=args.budget_seqs,
+                              max_num_batched_tokens=mbt, max_model_len=L),
+        "paged": replace(base, max_model_len=L, kv_cache_tokens=budget)}
     warm = make_workload(2, math.inf, V, prompt, replace(output, median=2, lo=2, hi=2),
                          args.seed + 1)
     results, tokens, series = {}, {}, {}
-    for s, kw in systems.items():
-        kw.update(max_num_batched_tokens=mbt, max_model_len=L)
-        run_engine(model, warm, device, **kw)       # first calls allocate / compile
+    for s, cfg in systems.items():
+        run_engine(model, warm, device, cfg)        # first calls allocate / compile
         log(f"[paged] {s}: {n_req} requests, KV budget {budget} tokens ...")
-        results[s], tokens[s], samples = run_engine(model, work, device, **kw)
+        results[s], tokens[s], samples = run_engine(model, work, device, cfg)
         series[s] = [[round(row[0], 5), *row[1:4]] for row in samples]
         log(f"[paged] {s}: {results[s]['max_seqs']} sequences at most, "
             f"{results[s]['output_tok_s']:.1f} output tok/s")
@@ -193,36 +191,36 @@ def run(args) -> dict:
     system = rng.integers(0, V, sys_len).tolist()
     shared = [replace(r, prompt_ids=system + r.prompt_ids)
               for r in make_workload(n_pre, math.inf, V, user, output, args.seed + 3)]
-    kw = dict(kv="paged", max_num_seqs=min(args.max_seqs, d["prefix_max_seqs"]),
-              max_num_batched_tokens=mbt, max_model_len=L_pre, block_size=args.block_size)
+    pre = replace(base, max_num_seqs=min(base.max_num_seqs, d["prefix_max_seqs"]),
+                  max_model_len=L_pre)
     prefix, prefix_tokens = {}, {}
     for on in (True, False):
-        key = "cache_on" if on else "cache_off"
-        run_engine(model, warm, device, enable_prefix_caching=on, **kw)
+        key, cfg = "cache_on" if on else "cache_off", replace(pre, enable_prefix_caching=on)
+        run_engine(model, warm, device, cfg)
         log(f"[paged] prefix caching {'on' if on else 'off'}: {n_pre} requests sharing "
             f"{sys_len} tokens ...")
-        prefix[key], prefix_tokens[key], _ = run_engine(model, shared, device,
-                                                        enable_prefix_caching=on, **kw)
+        prefix[key], prefix_tokens[key], _ = run_engine(model, shared, device, cfg)
     pre_ratio = {"output_tok_s": prefix["cache_on"]["output_tok_s"]
                  / prefix["cache_off"]["output_tok_s"],
                  "ttft_p50": prefix["cache_off"]["ttft_s"]["p50"]
                  / prefix["cache_on"]["ttft_s"]["p50"]}
-    across = across_calls(model, args.repeat_system_len, user.lo, args.block_size, args.seed)
+    across = across_calls(model, args.repeat_system_len, user.lo, base.block_size, args.seed)
     result = {
         "suite": NAME, "env": env,
         "config": {"model": name, "device": str(device),
                    "dtype": str(model.dtype).replace("torch.", ""), "num_requests": n_req,
                    "seed": args.seed, "prompt_len": vars(prompt), "output_len": vars(output),
                    "max_model_len": L, "budget_seqs": args.budget_seqs,
-                   "kv_budget_tokens": budget, "max_seqs": args.max_seqs,
-                   "block_size": args.block_size, "max_batched_tokens": mbt,
+                   "kv_budget_tokens": budget, "max_seqs": base.max_num_seqs,
+                   "block_size": base.block_size, "max_batched_tokens": mbt,
                    "kv_bytes_per_token": model.config.kv_bytes_per_token(
                        model.dtype.itemsize),
                    "prompt_tokens": sum(len(r.prompt_ids) for r in work),
                    "output_tokens": sum(r.max_tokens for r in work),
                    "prefix": {"requests": n_pre, "system_len": sys_len, "user_len": vars(user),
-                              "max_model_len": L_pre, **{k: v for k, v in kw.items()
-                                                         if k != "kv"}},
+                              **{k: getattr(pre, k) for k in (
+                                  "max_model_len", "max_num_seqs", "max_num_batched_tokens",
+                                  "block_size")}},
                    "decoding": "greedy, ignore_eos: every request makes its drawn length"},
         "results": results, "paged_over_slots": ratio,
         "same_tokens": {"same": same, "of": len(tokens["paged"])},
@@ -234,8 +232,7 @@ def run(args) -> dict:
         "across_calls": across,
         "kernels": KERNELS,
     }
-    print(report(result))
-    return result
+    return finish(result, args, report)
 
 
 def across_calls(model, system_len: int, user_len: int, block_size: int, seed: int) -> dict:

@@ -33,10 +33,9 @@ GEMV's fraction of copy bandwidth is the ``ops`` suite's (``--ops quant_linear``
 """
 from __future__ import annotations
 
-import gc
 import time
 
-from .common import log, positive_int, set_threads, table
+from .common import Budget, comma_list, finish, free_memory, log, positive_int, start, table
 
 NAME = "quant"
 HELP = "memory and decode tok/s per weight format (bf16/int8/int4/nf4), Llama-2-7B shape"
@@ -45,12 +44,10 @@ DEFAULT_GPU_MODEL = "llama-2-7b"
 DEFAULT_CPU_MODEL = "tiny-mha"
 DEFAULT_FORMATS = "bf16,int4-g128,int8,nf4"
 TARGETS = {"int4": 3.0, "int8": 1.8}          # batch-1 decode speedup over our bf16 (CUDA)
+COMMON = ("device", "threads", "seed", "budget")
 
 
 def add_arguments(p) -> None:
-    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda")
-    p.add_argument("--threads", type=positive_int, default=None,
-                   help="torch CPU threads (default: torch's own choice)")
     p.add_argument("--model", default=None,
                    help=f"a shape of tinyserve.analysis.SHAPES or tiny, tiny-mha (default: "
                         f"{DEFAULT_GPU_MODEL} on CUDA, {DEFAULT_CPU_MODEL} on CPU)")
@@ -67,9 +64,6 @@ def add_arguments(p) -> None:
     p.add_argument("--backend", default="auto", help="tinyserve ops backend: auto, ref, triton")
     p.add_argument("--no-graph", action="store_true", help="time eager decode on CUDA too "
                                                            "(instead of CUDA graphs)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--budget-s", type=float, default=None,
-                   help="start no new (format, batch) run after this many seconds")
 
 
 def parse_format(name: str):
@@ -128,32 +122,21 @@ def step_weight_bytes(model) -> int:
     return total
 
 
-def _free(device):
-    import torch
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-
-
 def run(args) -> dict:
     import torch
 
     from ..analysis import kv_cache_bytes
     from ..quant import memory_breakdown, model_bytes
     from . import roofline
-    from .common import env_info
     from .decode import int_list, build_ours, named_configs, time_ours
-    device = roofline.resolve_device(args.device)
-    set_threads(args.threads)
+    device, env = start(args)
     cuda = device.type == "cuda"
     named = named_configs()
     model_name = (args.model or (DEFAULT_GPU_MODEL if cuda else DEFAULT_CPU_MODEL)).lower()
     if model_name not in named:
         raise ValueError(f"unknown model {model_name!r}; available: {', '.join(named)}")
     config = named[model_name]
-    formats = [f.strip().lower() for f in args.formats.split(",") if f.strip()]
-    if not formats:
-        raise ValueError("--formats: give at least one format")
+    formats = [f.lower() for f in comma_list(args.formats, "formats")]
     specs = {f: parse_format(f) for f in formats}
     for f, (method, g) in specs.items():
         for K in {config.hidden_size, config.intermediate_size}:
@@ -168,18 +151,17 @@ def run(args) -> dict:
     graph = cuda and not args.no_graph
     dtype = torch.bfloat16 if cuda else torch.float32
     esz = torch.empty((), dtype=dtype).element_size()
-    env = env_info(device, getattr(args, "argv", None))
     roof = roofline.measure(device)
     bw = roof["copy_bandwidth_Bps"]
     log(f"[quant] roofline: {roofline.describe(roof)}")
-    t_start = time.perf_counter()
+    budget = Budget(args.budget_s)
     g = torch.Generator().manual_seed(args.seed)
     prompts = {B: torch.randint(0, config.vocab_size, (B, P), generator=g) for B in batches}
     runs, base = [], {}
     for fmt in formats:
         method, gs = specs[fmt]
-        if args.budget_s is not None and time.perf_counter() - t_start > args.budget_s:
-            runs += [{"format": fmt, "batch": B, "skipped": "time budget spent"} for B in batches]
+        if budget.spent():
+            runs += [{"format": fmt, "batch": B, "skipped": Budget.SKIPPED} for B in batches]
             continue
         log(f"[quant] {model_name} {fmt}: building on {device} ...")
         t0 = time.perf_counter()
@@ -201,8 +183,8 @@ def run(args) -> dict:
             rec = {"format": fmt, "method": method or "bf16", "group_size": gs, "batch": B,
                    "prompt_len": P, "new_tokens": N, "build_s": t_build, "quantize_s": t_quant,
                    **mem}
-            if args.budget_s is not None and time.perf_counter() - t_start > args.budget_s:
-                runs.append({**rec, "skipped": "time budget spent"})
+            if budget.spent():
+                runs.append({**rec, "skipped": Budget.SKIPPED})
                 continue
             ctx = P + N / 2
             kv = kv_cache_bytes(config, B, ctx, esz)
@@ -231,7 +213,7 @@ def run(args) -> dict:
                 rec["meets_target"] = rec["speedup_vs_bf16"] >= target
             runs.append(rec)
         del model
-        _free(device)
+        free_memory(device)
     result = {"suite": NAME, "env": env,
               "config": {"device": str(device), "dtype": str(dtype).replace("torch.", ""),
                          "model": model_name, "shape": config.to_dict(), "formats": formats,
@@ -240,8 +222,7 @@ def run(args) -> dict:
                          "weights": "random normal(0, 0.02), norms 1", "seed": args.seed,
                          "budget_s": args.budget_s, "targets_batch1_speedup": TARGETS},
               "roofline": roof, "runs": runs}
-    print(report(result))
-    return result
+    return finish(result, args, report)
 
 
 def report(result: dict) -> str:

@@ -15,34 +15,18 @@ the ops and decode suites of one run share one measurement.
 """
 from __future__ import annotations
 
-import time
-
-from .common import log, set_threads, table
+# resolve_device: the notebooks and the other suites call roofline.resolve_device
+from .common import log, resolve_device, start, table, time_calls  # noqa: F401
 
 NAME = "roofline"
 HELP = "measured copy bandwidth and matmul rate of this device (the ceilings)"
-
+COMMON = ("device", "threads")
 _CACHE: dict = {}
 
 
 def add_arguments(p) -> None:
-    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads (default: torch's own choice)")
     p.add_argument("--copy-mib", type=int, default=None,
                    help="copy buffer size in MiB (default: 2048 on CUDA, 256 on CPU)")
-
-
-def resolve_device(name: str = "auto"):
-    import torch
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda: no CUDA device here")
-    if dev.type not in ("cuda", "cpu"):
-        raise ValueError(f"unsupported device {name!r} (cpu or cuda)")
-    return dev
 
 
 def best_seconds(fn, device, repeats: int = 5, warmup: int = 1) -> float:
@@ -53,14 +37,7 @@ def best_seconds(fn, device, repeats: int = 5, warmup: int = 1) -> float:
         fn()
         torch.cuda.synchronize(device)
         return do_bench(fn, warmup=25, rep=200, return_mode="min") * 1e-3   # ms -> s
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
+    return min(time_calls(fn, repeats, warmup))
 
 
 def measure(device="auto", copy_mib: int | None = None) -> dict:
@@ -115,10 +92,7 @@ def describe(r: dict) -> str:
 
 
 def run(args) -> dict:
-    from .common import env_info
-    dev = resolve_device(args.device)
-    set_threads(args.threads)
-    env = env_info(dev, getattr(args, "argv", None))
+    dev, env = start(args)
     r = measure(dev, args.copy_mib)
     print(f"roofline on {env['gpu'] or env['cpu']} ({dev})")
     print(table([["copy bandwidth", f"{r['copy_bandwidth_Bps'] / 1e9:.1f} GB/s",

@@ -12,9 +12,10 @@ work; only how it is batched differs:
     continuous   tinyserve.engine.LLMEngine: iteration-level scheduling, chunked prefill,
                  --max-batch sequences, --max-batched-tokens per step, a KV slot per sequence
                  (kv="slots": the paged store is the ``paged`` suite's subject)
-    static       tinyserve.engine.StaticBatcher: takes what has arrived (up to --max-batch),
-                 runs the batch to its longest member on the padded decode_loop path, then the
-                 next batch; tokens are handed out as made (the generous variant)
+    static       tinyserve.engine.StaticBatcher: the same engine with a static scheduling
+                 policy: takes what has arrived (up to --max-batch), runs the batch to its
+                 longest member, then the next batch; finished members hold their slot but
+                 cost no compute, tokens are handed out as made (the generous variant)
     hf           HF transformers ``generate`` on the same static batches (left padding,
                  ``min_new_tokens = max_new_tokens`` = the batch's longest output): it returns
                  when the batch is done, so every member finishes then; its first token is
@@ -39,10 +40,14 @@ from __future__ import annotations
 import math
 import time
 
-from .common import clock, log, positive_int, set_threads, table
+from ..args import add_engine_args
+from .common import clock, comma_list, finish, free_memory, log, positive_int, start, table
 
 NAME = "serving"
 HELP = "continuous vs static batching vs HF batched generate: throughput, latency vs rate"
+COMMON = ("device", "threads", "seed", "figures")
+# the suite's own spelling of the engine's flags (older command lines keep working)
+FLAG_SPELLING = {"max_num_seqs": "--max-batch", "max_num_batched_tokens": "--max-batched-tokens"}
 
 SYSTEMS = ("continuous", "static", "hf")
 
@@ -51,9 +56,6 @@ def add_arguments(p) -> None:
     p.add_argument("--model", default=None,
                    help="smollm2 (default on CPU), llama-3.2-1b (default on CUDA), llama-2-7b, "
                         "tiny")
-    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda")
-    p.add_argument("--threads", type=positive_int, default=None,
-                   help="torch CPU threads (default: torch's own choice)")
     p.add_argument("--num-requests", type=positive_int, default=None,
                    help="requests of the throughput run (default: 48 CPU, 128 CUDA)")
     p.add_argument("--sweep-requests", type=positive_int, default=None,
@@ -70,13 +72,10 @@ def add_arguments(p) -> None:
     p.add_argument("--output-len", default=None,
                    help="median,sigma,lo,hi of the output lengths (default 24,1.0,2,160 on CPU; "
                         "128,1.0,8,512 on CUDA)")
-    p.add_argument("--max-batch", type=positive_int, default=None,
-                   help="sequences per batch for every system (default 16 CPU, 32 CUDA)")
-    p.add_argument("--max-batched-tokens", type=positive_int, default=None,
-                   help="continuous: token budget per step (default 256 CPU, 2048 CUDA)")
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-hf", action="store_true", help="skip HF transformers")
-    p.add_argument("--figures", default="figures", help="directory for the plots ('' = none)")
+    add_engine_args(p, *FLAG_SPELLING, flags=FLAG_SPELLING).description = (
+        "sequences per batch of every system, tokens per step of the continuous one "
+        "(default: 16 and 256 on CPU, 32 and 2048 on CUDA)")
 
 
 _CPU = dict(model="smollm2", num_requests=48, sweep_requests=24, rates="1,2,4",
@@ -97,23 +96,13 @@ def length_dist(s: str, what: str):
                          f"{s!r} ({e})") from None
 
 
-def _rates(s: str) -> list[float]:
-    try:
-        vals = [float(x) for x in s.split(",") if x.strip()]
-    except ValueError:
-        raise ValueError(f"--rates: expected comma-separated numbers, got {s!r}") from None
-    if any(not v > 0 for v in vals):
-        raise ValueError(f"--rates: rates must be > 0, got {s!r}")
-    return vals
-
-
 # ---- the models ---------------------------------------------------------------------------------
 def load_models(name: str, device, want_hf: bool, seed: int):
     """-> (ours, tokenizer or None, hf model or None, why hf is missing)."""
     import torch
 
-    from .decode import build_hf, build_ours, named_configs
-    from .generate import load_hf
+    from .decode import build_ours, named_configs
+    from .hf import build_hf, load_hf
     if name == "smollm2":
         from ..loader import load_model, resolve_source
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -193,20 +182,21 @@ class HFBatcher:
 
 
 # ---- running ---------------------------------------------------------------------------------
-def make_server(system: str, model, hf, a):
+def make_server(system: str, model, hf, config):
+    """``config``: the continuous engine's EngineConfig; its max_num_seqs caps every batch."""
     from ..engine import LLMEngine, StaticBatcher
     if system == "continuous":
-        return LLMEngine(model, None, a["max_batch"], a["max_batched_tokens"], a["max_model_len"],
-                         kv="slots")
+        return LLMEngine(model, None, config=config)
     if system == "static":
-        return StaticBatcher(model, None, a["max_batch"])
-    return HFBatcher(hf, a["max_batch"])
+        return StaticBatcher(model, None, config.max_num_seqs,
+                             max_model_len=config.max_model_len)
+    return HFBatcher(hf, config.max_num_seqs)
 
 
-def run_system(system, model, hf, workload, a) -> tuple[dict, dict]:
+def run_system(system, model, hf, workload, config) -> tuple[dict, dict]:
     """-> (summary, {request_id: output token ids})."""
     from ..engine.workload import run_workload, summarize
-    run = run_workload(make_server(system, model, hf, a), workload)
+    run = run_workload(make_server(system, model, hf, config), workload)
     return summarize(run), {r["request_id"]: r["token_ids"] for r in run["requests"]}
 
 
@@ -216,35 +206,31 @@ def _same(a: dict, b: dict) -> dict:
 
 
 def run(args) -> dict:
-    import torch
-
+    from ..engine.config import EngineConfig
     from ..engine.workload import Lengths, make_workload
-    from . import roofline
-    from .common import env_info
-    device = roofline.resolve_device(args.device)
-    set_threads(args.threads)
+    device, env = start(args)
     d = _CUDA if device.type == "cuda" else _CPU
     name = (args.model or d["model"]).lower()
     prompt = length_dist(args.prompt_len or d["prompt_len"], "prompt-len")
     output = length_dist(args.output_len or d["output_len"], "output-len")
-    rates = _rates(d["rates"] if args.rates is None else args.rates)
+    rates = comma_list(d["rates"] if args.rates is None else args.rates, "rates", float,
+                       positive=True, empty_ok=True)
     n_req = args.num_requests or d["num_requests"]
     n_sweep = args.sweep_requests or d["sweep_requests"]
     if not args.rate > 0:
         raise ValueError(f"--rate must be > 0 (inf: all at once), got {args.rate}")
-    env = env_info(device, getattr(args, "argv", None))
+    # the continuous engine: a KV slot per sequence (the paged store is the paged suite's)
+    cfg = EngineConfig.from_args(args, kv="slots", max_num_seqs=d["max_batch"],
+                                 max_num_batched_tokens=d["max_batched_tokens"],
+                                 max_model_len=prompt.hi + output.hi)
     log(f"[serving] loading {name} on {device} ...")
     model, tok, hf, hf_skip = load_models(name, device, not args.no_hf, args.seed)
     ctx = model.config.max_position_embeddings
     if prompt.hi + output.hi > ctx:
         raise ValueError(f"prompt hi {prompt.hi} + output hi {output.hi} exceed the context "
                          f"({ctx})")
-    a = {"max_batch": args.max_batch or d["max_batch"],
-         "max_batched_tokens": args.max_batched_tokens or d["max_batched_tokens"],
-         "max_model_len": prompt.hi + output.hi}
-    if a["max_batched_tokens"] < a["max_batch"]:
-        raise ValueError(f"--max-batched-tokens ({a['max_batched_tokens']}) must be >= "
-                         f"--max-batch ({a['max_batch']})")
+    a = {"max_batch": cfg.max_num_seqs, "max_batched_tokens": cfg.max_num_batched_tokens,
+         "max_model_len": cfg.max_model_len}
     V = model.config.vocab_size
 
     def wl(rate, n=n_req, seed=args.seed, out=output):
@@ -253,12 +239,12 @@ def run(args) -> dict:
     for s in systems:   # warm-up (short outputs): first calls allocate, compile and autotune
         log(f"[serving] warm-up {s}")
         run_system(s, model, hf, wl(math.inf, min(4, n_req), args.seed + 1,
-                                    Lengths(4, 0.0, 2, 4)), a)
+                                    Lengths(4, 0.0, 2, 4)), cfg)
     work = wl(args.rate)
     results, tokens = {}, {}
     for s in systems:
         log(f"[serving] {s}: {n_req} requests at rate {args.rate}/s ...")
-        results[s], tokens[s] = run_system(s, model, hf, work, a)
+        results[s], tokens[s] = run_system(s, model, hf, work, cfg)
         log(f"[serving] {s}: {results[s]['output_tok_s']:.1f} output tok/s in "
             f"{results[s]['duration_s']:.1f} s")
     if hf is None:
@@ -272,7 +258,7 @@ def run(args) -> dict:
         point = {"rate": r}
         for s in ("continuous", "static"):
             log(f"[serving] sweep: {s} at {r}/s ...")
-            point[s] = run_system(s, model, None, wl(r, n_sweep), a)[0]
+            point[s] = run_system(s, model, None, wl(r, n_sweep), cfg)[0]
         sweep.append(point)
     result = {
         "suite": NAME, "env": env,
@@ -287,13 +273,9 @@ def run(args) -> dict:
         "results": results, "ratio": ratio, "agreement_with_continuous": agree,
         "sweep": sweep,
     }
-    print(report(result))
-    if args.figures:
-        for path in plot(result, args.figures):
-            log(f"[serving] figure {path}")
+    finish(result, args, report)
     del model, hf
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
+    free_memory(device)
     return result
 
 
@@ -328,12 +310,8 @@ def report(result: dict) -> str:
 
 def plot(result: dict, fig_dir) -> list:
     """Throughput bars per system, and TTFT / end-to-end latency (p50, p99) vs arrival rate."""
-    from pathlib import Path
-
-    from .plots import pyplot, subtitle, save
+    from .plots import figure_path, pyplot, save, subtitle
     plt = pyplot()
-    fig_dir = Path(fig_dir)
-    fig_dir.mkdir(parents=True, exist_ok=True)
     res = result["results"]
     fig, axes = plt.subplots(1, 3, figsize=(13, 4))
     names = [s for s in SYSTEMS if "output_tok_s" in res.get(s, {})]
@@ -362,4 +340,4 @@ def plot(result: dict, fig_dir) -> list:
                  f"{c['max_batch']}: every system measured in the same run\n{subtitle(result)}",
                  fontsize=9)
     fig.tight_layout()
-    return [save(fig, fig_dir / f"{result['env']['machine']}-serving.png")]
+    return [save(fig, figure_path(result, fig_dir))]

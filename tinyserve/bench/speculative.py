@@ -18,21 +18,13 @@ speculative loop then decodes one token per step, which measures its own overhea
     speedup        plain decode time / speculative time, same prompts, same tokens
     predicted      tok/step / (verify cost + K x draft cost), from the measured parts
 
-**GPU (``--device cuda``).** SmolLM2's file does not travel to the GPU machine, so the target
-is a random-weight model of a real shape (``--gpu-models``, built as the ``decode`` suite
-does). Timed there: one plain decode step (CUDA graph and eager), one verify of K + 1 tokens
-(eager: ``Transformer.forward`` synchronises with the host, so it cannot be captured), and one
-step of each draft of that shape (early exit and int4 copy: CUDA graph; head: eager). The alpha
-and tokens per step come from the CPU result file (``--alpha-from``), and the JSON says so:
-the predicted speedup is tok/step x t(step) / (t(verify) + K x t(draft)).
+**GPU (``--device cuda``).** Predicted speedups from step times measured there and the CPU
+run's alpha: see ``speculative_gpu``.
 """
 from __future__ import annotations
 
-import json
-import time
-from pathlib import Path
-
-from .common import DEFAULT_OUT, log, positive_int, set_threads, table
+from .common import DEFAULT_OUT, clock, comma_list, finish, fmt, log, positive_int, start, table
+from .speculative_gpu import run_gpu  # noqa: F401  (the GPU mode; tests call it from here)
 
 NAME = "speculative"
 HELP = "speculative decoding: alpha, tokens per step, draft cost and speedup per draft and task"
@@ -67,6 +59,7 @@ PROMPTS = {
 }
 DEFAULT_DRAFTS = "none,prompt-lookup,early-exit:8,int4,head"
 DEFAULT_GPU_MODELS = "llama-3.2-1b,llama-2-7b"
+COMMON = ("device", "threads", "budget")
 
 
 def add_arguments(p) -> None:
@@ -81,35 +74,17 @@ def add_arguments(p) -> None:
                    help="none (the loop with no draft), prompt-lookup, early-exit:N (first N "
                         "layers), int4, head "
                         f"(default: {DEFAULT_DRAFTS})")
-    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda")
     p.add_argument("--model", default="smollm2", help="the real model (CPU runs)")
-    p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads")
     p.add_argument("--gpu-models", default=DEFAULT_GPU_MODELS,
                    help=f"GPU runs: shapes of the decode suite (default: {DEFAULT_GPU_MODELS})")
     p.add_argument("--alpha-from", default=str(DEFAULT_OUT / "cpu-2core-speculative.json"),
                    help="GPU runs: the CPU result file whose alpha they use")
     p.add_argument("--repeats", type=positive_int, default=20,
                    help="GPU runs: timed calls per measurement (median)")
-    p.add_argument("--budget-s", type=float, default=None,
-                   help="GPU runs: start no new shape or draft after this many seconds (the "
-                        "result file says what was skipped)")
-
-
-def _list(s: str, what: str) -> list[str]:
-    out = [x.strip() for x in s.split(",") if x.strip()]
-    if not out:
-        raise ValueError(f"--{what}: empty list")
-    return out
 
 
 def _ks(s: str) -> list[int]:
-    try:
-        ks = [int(x) for x in _list(s, "k")]
-    except ValueError:
-        raise ValueError(f"--k: expected comma-separated integers, got {s!r}") from None
-    if min(ks) < 1:
-        raise ValueError(f"--k: every K must be >= 1, got {s!r}")
-    return ks
+    return comma_list(s, "k", int, positive=True)
 
 
 def _check_drafts(names: list[str]) -> None:
@@ -140,7 +115,6 @@ def make_draft(name: str, model):
 def _plain(model, ids, max_tokens, eos) -> dict:
     from ..generate import decode_loop
     from ..sampling import SamplingParams
-    from .common import clock
     params = SamplingParams.greedy(max_tokens=max_tokens)
     stats: dict = {}
     t0 = clock(model.device)
@@ -196,13 +170,13 @@ def run_cpu(args, device, env) -> dict:
     import torch
 
     from ..loader import load_model
-    tasks = _list(args.tasks, "tasks")
+    tasks = comma_list(args.tasks, "tasks")
     bad = [t for t in tasks if t not in PROMPTS]
     if bad:
         raise ValueError(f"--tasks: unknown {bad} (chat, copy, code)")
     if args.prompts > min(len(PROMPTS[t]) for t in tasks):
         raise ValueError(f"--prompts: at most {min(len(PROMPTS[t]) for t in tasks)}")
-    ks, drafts = _ks(args.k or "4"), _list(args.drafts, "drafts")
+    ks, drafts = _ks(args.k or "4"), comma_list(args.drafts, "drafts")
     _check_drafts(drafts)
     log(f"[speculative] loading {args.model} (fp32, CPU) ...")
     model, tok = load_model(args.model, device=device, dtype=torch.float32)
@@ -249,210 +223,19 @@ def _targets(rows) -> dict:
     return out
 
 
-# ---- GPU: real shapes, random weights --------------------------------------------------------
-def _median_s(fn, repeats, device) -> float:
-    import statistics
-
-    from .common import clock
-    fn()
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = clock(device)
-        fn()
-        times.append(clock(device) - t0)
-    return statistics.median(times)
-
-
-def _cpu_alpha(path) -> tuple[list[dict], dict]:
-    """The CPU runs with an alpha, and where they came from (the JSON's ``alpha_source``)."""
-    p = Path(path)
-    note = ("alpha and tokens per step measured on the real SmolLM2 on the CPU (the model file "
-            "cannot travel here); only the costs are measured on this device")
-    if not p.is_file():
-        log(f"[speculative] no CPU result file at {p}: nothing to combine the costs with")
-        return [], {"file": None, "note": f"no CPU result file at {p}: run the CPU suite first"}
-    data = json.loads(p.read_text())
-    return ([r for r in data.get("runs", []) if r.get("alpha_cond") is not None],
-            {"file": str(p), "date": data.get("env", {}).get("date"), "note": note})
-
-
-def run_gpu_model(name, config, device, ks, drafts, repeats, over_budget=lambda: False) -> dict:
-    import torch
-
-    from ..cuda_graph import GraphedDecodeStep
-    from ..kv_cache import KVCache
-    from ..speculative import DraftHead, early_exit_view, head_config
-    from ..speculative.head import init_head
-    from .decode import build_ours
-    model = build_ours(config, device, torch.bfloat16)
-    c = model.config
-    P = min(256, c.max_position_embeddings // 2)  # a 256-token context, as a short chat
-    ids = torch.randint(0, c.vocab_size, (1, P), device=device)
-
-    def step_times(m) -> dict:
-        """One decode step of ``m`` at context P: eager, and CUDA-graph replay (CUDA only)."""
-        cache = KVCache(m.config, 1, P + 8, dtype=m.dtype, device=device)
-        m(ids, cache)
-        one = ids[:, :1]
-
-        def eager():
-            m.decode_step(one, cache)
-            cache.lengths.fill_(P)
-        out = {"eager_s": _median_s(eager, repeats, device), "graph_s": None}
-        if device.type == "cuda":
-            graph = GraphedDecodeStep(m, cache)
-
-            def replay():
-                graph(one)
-                cache.lengths.fill_(P)
-            out["graph_s"] = _median_s(replay, repeats, device)
-        return out
-
-    rec = {"model": name, "params": sum(p.numel() for p in model.parameters()),
-           "context": P, "target_step": step_times(model), "verify_s": {}, "drafts": {}}
-    cache = KVCache(c, 1, P + max(ks) + 8, dtype=model.dtype, device=device)
-    model(ids, cache)
-    for k in ks:
-        chunk = ids[:, :k + 1]
-
-        def verify():
-            model(chunk, cache)
-            cache.lengths.fill_(P)
-        rec["verify_s"][k] = _median_s(verify, repeats, device)
-    for d in sorted(drafts, key=lambda d: d == "int4"):   # the int4 copy (a 2nd model) last
-        base, _, n = d.partition(":")
-        if over_budget():
-            rec["drafts"][d] = {"skipped": "time budget spent"}
-            continue
-        try:
-            if base == "early-exit":
-                rec["drafts"][d] = step_times(early_exit_view(model, int(n)))
-            elif base == "int4":
-                from ..quant import quantize_model
-                q = quantize_model(build_ours(config, device, torch.bfloat16), "int4")
-                rec["drafts"][d] = step_times(q)
-                del q
-            elif base == "head":
-                # EAGLE's head at these sizes: a full decoder layer of the target's shape
-                head = init_head(DraftHead(head_config(c, c.intermediate_size)), model)
-                head = head.to(device, model.dtype)
-                w = model.lm_head_weight[:4096].contiguous()     # a 4096-token draft vocab
-                hc = KVCache(head.config, 1, P + 8, dtype=model.dtype, device=device)
-                f = torch.randn(1, P, c.hidden_size, device=device, dtype=model.dtype)
-                head(f, model.embed(ids), hc)
-                one_f, one_e = f[:, :1], model.embed(ids[:, :1])
-
-                def head_step():
-                    with torch.no_grad():
-                        (w @ head(one_f, one_e, hc)[0, -1]).argmax()
-                    hc.lengths.fill_(P)
-                rec["drafts"][d] = {"eager_s": _median_s(head_step, repeats, device),
-                                    "note": "eager (cache writes sync with the host)"}
-            else:   # prompt lookup: host-side, its time is the CPU run's draft_s
-                rec["drafts"][d] = {"note": "no GPU work: runs on the host"}
-        except Exception as e:  # record and go on: one failing draft must not lose the rest
-            rec["drafts"][d] = {"error": f"{type(e).__name__}: {e}"[:300]}
-    del model, cache
-    torch.cuda.empty_cache()
-    return rec
-
-
-def _combine(rec, cpu_rows, ks) -> list[dict]:
-    """Predicted speedup on this GPU shape from the CPU alpha (tokens per step)."""
-    out = []
-    ts = rec["target_step"]
-    for r in cpu_rows:
-        d, k = r["draft"], r["k"]
-        if k not in ks or d not in rec["drafts"] or r.get("tokens_per_step") is None:
-            continue
-        dt = rec["drafts"][d]
-        if "error" in dt or "skipped" in dt:
-            continue
-        if d in ("none", "prompt-lookup"):  # host time per proposed token, from the CPU run
-            host = r["draft_s"] / max(1, r["drafted"])
-            t_draft = {"graph": host, "eager": host}
-        else:   # a draft without a graph (the head) costs its eager time in both modes
-            t_draft = {"graph": dt.get("graph_s") or dt["eager_s"], "eager": dt["eager_s"]}
-        tv = rec["verify_s"][k]
-        row = {"model": rec["model"], "task": r["task"], "draft": d, "k": k,
-               "cpu_alpha_cond": r["alpha_cond"], "cpu_tokens_per_step": r["tokens_per_step"]}
-        for mode in ("graph", "eager"):
-            step = ts[f"{mode}_s"]
-            if step is None:               # no CUDA graphs off CUDA
-                row[f"predicted_speedup_{mode}"] = row[f"draft_cost_{mode}"] = None
-                continue
-            cost = tv + k * t_draft[mode]
-            row[f"predicted_speedup_{mode}"] = r["tokens_per_step"] * step / cost
-            row[f"draft_cost_{mode}"] = t_draft[mode] / step
-        row["verify_cost_vs_step"] = tv / (ts["graph_s"] or ts["eager_s"])
-        out.append(row)
-    return out
-
-
-def run_gpu(args, device, env) -> dict:
-    """The GPU mode (it also runs on the CPU with the ``tiny`` shapes, without graphs: the
-    tests check the harness that way)."""
-    from .decode import named_configs
-    drafts = _list(args.drafts, "drafts")
-    _check_drafts(drafts)
-    drafts = [d for d in drafts if d != "none"]      # nothing to time: no draft, no verify
-    named = named_configs()
-    models = [m.strip().lower() for m in _list(args.gpu_models, "gpu-models")]
-    bad = [m for m in models if m not in named]
-    if bad:
-        raise ValueError(f"--gpu-models: unknown {bad}; available: {', '.join(named)}")
-    cpu_rows, source = _cpu_alpha(args.alpha_from)
-    ks = _ks(args.k) if args.k else sorted({r["k"] for r in cpu_rows}) or [4]
-    t0 = time.perf_counter()
-    budget = getattr(args, "budget_s", None)
-
-    def over_budget():
-        return budget is not None and time.perf_counter() - t0 > budget
-    shapes, combined = [], []
-    for name in models:
-        if over_budget():
-            shapes.append({"model": name, "skipped": "time budget spent"})
-            continue
-        log(f"[speculative] {name}: timing target step, verify and drafts on {device} ...")
-        rec = run_gpu_model(name, named[name], device, ks, drafts, args.repeats, over_budget)
-        shapes.append(rec)
-        combined += _combine(rec, cpu_rows, ks)
-    return {"suite": NAME, "env": env, "mode": "gpu",
-            "config": {"device": str(device), "dtype": "bfloat16", "ks": ks, "drafts": drafts,
-                       "models": models, "weights": "random normal(0, 0.02), norms 1",
-                       "repeats": args.repeats, "budget_s": budget, "context": "256 tokens",
-                       "timing": "target step: CUDA graph and eager; verify of K + 1 tokens: "
-                                 "eager (Transformer.forward syncs with the host, so it is not "
-                                 "capturable); early exit, int4: CUDA graph and eager; head: "
-                                 "eager (a full decoder layer of the target's shape + a "
-                                 "4096-row LM head); prompt lookup: host time from the CPU run"},
-            "alpha_source": source,
-            "shapes": shapes, "predicted": combined}
-
-
 # ---- the suite -------------------------------------------------------------------------------
 def run(args) -> dict:
-    from . import roofline
-    from .common import env_info
-    device = roofline.resolve_device(args.device)
-    set_threads(args.threads)
-    env = env_info(device, getattr(args, "argv", None))
+    device, env = start(args)
     result = run_gpu(args, device, env) if device.type == "cuda" else run_cpu(args, device, env)
-    print(report(result))
-    return result
-
-
-def _f(x, spec=".2f", suffix=""):
-    return "-" if x is None else format(x, spec) + suffix
+    return finish(result, args, report)
 
 
 def report(result: dict) -> str:
     if result["mode"] == "gpu":
-        rows = [[r["model"], r["task"], r["draft"], r["k"], _f(r["cpu_alpha_cond"]),
-                 _f(r["cpu_tokens_per_step"]), _f(r["draft_cost_graph"], ".3f"),
-                 _f(r["verify_cost_vs_step"]), _f(r["predicted_speedup_graph"], ".2f", "x"),
-                 _f(r["predicted_speedup_eager"], ".2f", "x")] for r in result["predicted"]]
+        rows = [[r["model"], r["task"], r["draft"], r["k"], fmt(r["cpu_alpha_cond"]),
+                 fmt(r["cpu_tokens_per_step"]), fmt(r["draft_cost_graph"], ".3f"),
+                 fmt(r["verify_cost_vs_step"]), fmt(r["predicted_speedup_graph"], ".2f", "x"),
+                 fmt(r["predicted_speedup_eager"], ".2f", "x")] for r in result["predicted"]]
         return "\n".join([f"speculative on {result['env']['gpu']}: alpha from "
                           f"{result['alpha_source']['file']}",
                           table(rows, ["model", "task", "draft", "K", "alpha (CPU)",
@@ -460,11 +243,11 @@ def report(result: dict) -> str:
                                        "speedup (graph)", "(eager)"])])
     rows = []
     for r in result["runs"]:
-        rows.append([r["task"], r["draft"], r["k"], _f(r["alpha"]), _f(r["alpha_cond"]),
-                     _f(r["tokens_per_step"]), _f(r["formula_tokens_per_step"]),
-                     _f(r["verify_cost"]), _f(r["draft_cost"], ".3f"),
-                     _f(r["plain_tok_s"], ".1f"), _f(r["spec_tok_s"], ".1f"),
-                     _f(r["speedup"], ".2f", "x"), _f(r.get("predicted_speedup"), ".2f", "x"),
+        rows.append([r["task"], r["draft"], r["k"], fmt(r["alpha"]), fmt(r["alpha_cond"]),
+                     fmt(r["tokens_per_step"]), fmt(r["formula_tokens_per_step"]),
+                     fmt(r["verify_cost"]), fmt(r["draft_cost"], ".3f"),
+                     fmt(r["plain_tok_s"], ".1f"), fmt(r["spec_tok_s"], ".1f"),
+                     fmt(r["speedup"], ".2f", "x"), fmt(r.get("predicted_speedup"), ".2f", "x"),
                      "yes" if r["identical"] else "NO"])
     c, env = result["config"], result["env"]
     lines = [f"speculative: {c['model']} on {env['cpu']} ({env['torch_threads']} threads), greedy,"
@@ -473,6 +256,6 @@ def report(result: dict) -> str:
                           "verify", "draft", "plain tok/s", "spec tok/s", "speedup",
                           "predicted", "same"])]
     for key, t in result["targets"].items():
-        lines.append(f"target {key}: >= {t['goal']}x -> {_f(t['speedup'], '.2f', 'x')} "
+        lines.append(f"target {key}: >= {t['goal']}x -> {fmt(t['speedup'], '.2f', 'x')} "
                      f"(K={t['k']}): {'met' if t['met'] else 'NOT met'}")
     return "\n".join(lines)

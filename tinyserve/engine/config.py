@@ -10,7 +10,12 @@ option); the ones that need the model (its context, its KV bytes per token) run 
 """
 from __future__ import annotations
 
+import re
 from dataclasses import InitVar, dataclass, replace
+
+# the flags live where the CLI can import them without torch
+from ..args import ENGINE_FLAGS, add_engine_args  # noqa: F401
+from .kv_cache_manager import blocks_for_budget
 
 KV_KINDS = ("paged", "slots")
 DEFAULT_BLOCK_SIZE = 16
@@ -83,7 +88,6 @@ class EngineConfig:
     def resolve(self, model_config, dtype) -> "EngineConfig":
         """The same options made concrete for one model: max_model_len (checked against the
         context), the block size, and a byte budget turned into whole blocks of token slots."""
-        from .paged_store import blocks_for_budget
         ctx = model_config.max_position_embeddings
         mml = ctx if self.max_model_len is None else self.max_model_len
         if not 2 <= mml <= ctx:
@@ -97,3 +101,19 @@ class EngineConfig:
             tokens = bs * blocks_for_budget(model_config, bs, dtype, nbytes=self.kv_cache_bytes)
         return replace(self, max_model_len=mml, block_size=bs, kv_cache_tokens=tokens,
                        kv_cache_bytes=None)
+
+    # ---- the command line: one declaration of the engine's flags for the CLI and the bench ----
+    @classmethod
+    def from_args(cls, args, **defaults) -> "EngineConfig":
+        """The config of flags declared by ``add_engine_args``; ``defaults``: values for the
+        options not given on the command line (e.g. a suite's per-device ones). An error
+        names the flags as the parser spells them ("--max-batch (8)", not "max_num_seqs")."""
+        given = {f: getattr(args, f) for f in ENGINE_FLAGS if getattr(args, f, None) is not None}
+        try:
+            return cls(**{**defaults, **given})
+        except (TypeError, ValueError) as e:
+            msg = str(e)
+            for field, flag in getattr(args, "_engine_flags", {}).items():
+                if field != "kv":     # "options of kv='paged'" reads better as it is
+                    msg = re.sub(rf"\b{field}\b", flag, msg)
+            raise ValueError(msg) from None
