@@ -8,7 +8,7 @@ a budget of ``max_num_batched_tokens`` tokens, in this order:
    is required, so decodes always fit and a running sequence never stalls);
 2. running sequences whose prompt is not fully consumed yet: the next chunk of it;
 3. waiting sequences, first come first served, while ``max_num_seqs``, the token budget and the
-   KV store allow: each gets the first chunk of its prompt (nobody, in a step that preempted).
+   KV cache allow: each gets the first chunk of its prompt (nobody, in a step that preempted).
 
 A prompt longer than what is left of the budget is cut into chunks over several steps (chunked
 prefill): a 2,000-token prompt does not freeze the decodes of everybody else for one long step,
@@ -31,14 +31,14 @@ taken, r waits in addition for a running sequence to finish: at most the smalles
 ``max_tokens`` (plus prefill steps) of the running ones. ``tests/test_engine_scheduler.py``
 checks both: the bound under a flood of long prompts, and that later arrivals change nothing.
 
-Preemption by recomputation, for KV stores that can run out of memory mid-sequence (a paged
-store grows each sequence block by block): when a running sequence cannot grow, the most
+Preemption by recomputation, for KV caches that can run out of memory mid-sequence (a paged
+cache grows each sequence block by block): when a running sequence cannot grow, the most
 recently admitted running sequence is preempted (``preempt``: running -> head of the queue, KV
 freed, prompt + output re-prefilled when it is admitted again), as vLLM does. The slot pool
 never runs out: a sequence's slot holds ``max_model_len`` tokens from its admission on.
 
-Prefix caching: on admission the store may answer that the first tokens of a sequence are
-already cached (a paged store's blocks of an identical earlier prefix); the sequence starts
+Prefix caching: on admission the manager may answer that the first tokens of a sequence are
+already cached (a paged cache's blocks of an identical earlier prefix); the sequence starts
 with those computed and only the rest is prefilled. Parallel sampling: a request of n samples
 is admitted as sample 0 with ``n - 1`` seats kept for its ``forks``, which join the running
 sequences (``fork``) once sample 0's prompt is computed.

@@ -6,7 +6,7 @@
 
 A Sequence is a ``generate.Row`` (prompt, params, generator, stop ids, token limit, output,
 streamed text) plus what scheduling needs. ``num_computed`` counts the leading tokens of
-``prompt + out`` whose K/V are in the KV store; the rest are *pending* and are fed to the model
+``prompt + out`` whose K/V are in the KV cache; the rest are *pending* and are fed to the model
 by the next steps: the whole prompt at first (in chunks when it is long), then exactly one token
 per decode step (the last sampled one). A sequence is sampled in a step only when that step's
 chunk consumes all its pending tokens. Preemption (``preempt``) drops the KV and sets
@@ -91,7 +91,7 @@ class Sequence(Row):
     request_id: Hashable = None
     index: int = 0                    # which of the request's n samples
     status: SequenceStatus = SequenceStatus.WAITING
-    num_computed: int = 0             # leading tokens of prompt + out with K/V in the store
+    num_computed: int = 0             # leading tokens of prompt + out with K/V in the cache
     metrics: SequenceMetrics | None = field(default=None, repr=False)
     forks: list["Sequence"] = field(default_factory=list, repr=False, compare=False)
     error: str | None = None          # why it finished with "error"
