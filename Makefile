@@ -9,6 +9,9 @@ BIN    := $(VENV)/bin
 # a torch that is already importable (e.g. a GPU user's CUDA build) is kept as it is.
 CPU_TORCH ?= 2.13.0
 STAMP  := $(VENV)/.installed
+# make test runs the tests in this many processes (pytest-xdist), one per core up to 4 (each
+# worker loads the model; tests/conftest.py gives each worker its share of the cores' threads)
+TEST_WORKERS ?= $(shell n=$$(nproc 2>/dev/null || echo 1); [ $$n -gt 4 ] && n=4; echo $$n)
 
 .PHONY: install lab test model figures clean
 
@@ -32,8 +35,11 @@ model: $(STAMP)
 lab: model
 	$(BIN)/jupyter lab --notebook-dir=notebooks
 
+# --dist loadfile: a file's tests stay in one worker, so a notebook's cells run in order in one
+# kernel and a module's session fixtures load once
 test: model
-	$(BIN)/python -m pytest --nbval-lax -p no:cacheprovider --durations=15 tests notebooks
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile --nbval-lax -p no:cacheprovider \
+		--durations=15 tests notebooks
 
 # deterministic: an unchanged result redraws to the same PNG bytes (tests/test_figures.py)
 figures: $(STAMP)

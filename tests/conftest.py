@@ -7,7 +7,14 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-torch.set_num_threads(max(1, os.cpu_count() or 1))
+# Never more threads than cores: under pytest-xdist (``make test`` runs a worker per core) each
+# worker takes its share, and so does every process it starts (notebook kernels, CLI runs)
+# through OMP_NUM_THREADS; two workers of two threads each on two cores run slower than one.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+_THREADS = max(1, (os.cpu_count() or 1) // _WORKERS)
+if _WORKERS > 1:
+    os.environ["OMP_NUM_THREADS"] = str(_THREADS)
+torch.set_num_threads(_THREADS)
 
 
 def smollm2_path():

@@ -118,7 +118,7 @@ def test_preemption_when_the_store_runs_out_recomputes_exactly(tiny, monkeypatch
     all grow, the latest admitted are preempted and later recomputed, every output is exact.
     The engine is built on the capped manager (its runner: 4 slots of 64 tokens)."""
     pool = TokenCapManager(4, 64, max_tokens=64)
-    monkeypatch.setattr(llm_engine, "_make_manager", lambda config, model: pool)
+    monkeypatch.setattr(llm_engine, "_make_manager", lambda config, num_blocks: pool)
     engine = LLMEngine(tiny, None, 4, 32, 64, kv="slots")
     assert engine.kv_cache_manager is pool
     assert engine.runner.kv_caches[0][0].shape[:3] == (4, tiny.config.num_kv_heads, 64)

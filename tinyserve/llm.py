@@ -20,7 +20,7 @@ from typing import Iterator, Sequence
 from tqdm.auto import tqdm
 
 from .engine import LLMEngine, SequenceMetrics
-from .engine.config import EngineConfig
+from .engine.config import UNSET, EngineConfig, given
 from .errors import RequestFailed
 from .generate import check_prompt
 from .loader import load_model
@@ -51,8 +51,9 @@ Messages = Sequence[dict]
 
 
 class LLM:
-    """A model plus its tokenizer, running up to ``max_batch_size`` sequences at once and
-    feeding at most ``max_num_batched_tokens`` tokens per step (longer prompts are chunked).
+    """A model plus its tokenizer, running up to ``max_batch_size`` sequences at once (16) and
+    feeding at most ``max_num_batched_tokens`` tokens per step (2048; longer prompts are
+    chunked). Options not given take these defaults, or ``EngineConfig``'s.
 
     KV memory. The cache is paged by default (PagedAttention, ``kv="paged"``): blocks of
     ``block_size`` tokens (16), taken as sequences grow, so memory follows the tokens really
@@ -72,11 +73,10 @@ class LLM:
     the prefix cache start empty again); memory is never given back until the LLM is."""
 
     def __init__(self, model: str = "smollm2", device: str = "auto", dtype=None,
-                 backend: str = "auto", max_batch_size: int = 16,
-                 quantization: str | dict | None = None, max_num_batched_tokens: int = 2048,
-                 kv: str = "paged", kv_cache_tokens: int | None = None,
-                 kv_cache_bytes: int | None = None, block_size: int | None = None,
-                 enable_prefix_caching: bool = True, config: EngineConfig | None = None):
+                 backend: str = "auto", max_batch_size=UNSET,
+                 quantization: str | dict | None = None, max_num_batched_tokens=UNSET,
+                 kv=UNSET, kv_cache_tokens=UNSET, kv_cache_bytes=UNSET, block_size=UNSET,
+                 enable_prefix_caching=UNSET, config: EngineConfig | None = None):
         """``quantization``: None, a method name ("int8", "int4", "nf4", "gguf", ...; see
         ``tinyserve.quant.known_methods()``) or a dict ``{"method": ..., "group_size": ...,
         ...}`` of ``tinyserve.quant.quantize_model`` arguments, applied after loading. The
@@ -100,11 +100,9 @@ class LLM:
         self._setup(config)
 
     @classmethod
-    def from_model(cls, model, tokenizer, max_batch_size: int = 16,
-                   max_num_batched_tokens: int = 2048, kv: str = "paged",
-                   kv_cache_tokens: int | None = None, kv_cache_bytes: int | None = None,
-                   block_size: int | None = None, enable_prefix_caching: bool = True,
-                   config: EngineConfig | None = None) -> "LLM":
+    def from_model(cls, model, tokenizer, max_batch_size=UNSET, max_num_batched_tokens=UNSET,
+                   kv=UNSET, kv_cache_tokens=UNSET, kv_cache_bytes=UNSET, block_size=UNSET,
+                   enable_prefix_caching=UNSET, config: EngineConfig | None = None) -> "LLM":
         """Wrap an already loaded (model, tokenizer) pair, e.g. from ``load_model``."""
         config = _config(config, max_batch_size, max_num_batched_tokens, kv, kv_cache_tokens,
                          kv_cache_bytes, block_size, enable_prefix_caching)
@@ -266,17 +264,21 @@ class LLM:
         return self.engine
 
 
+# LLM's own defaults where they differ from EngineConfig's: a single caller's long prompt is
+# prefilled in one step rather than in chunks.
+LLM_DEFAULTS = dict(max_num_batched_tokens=2048)
+
+
 def _config(config, max_batch_size, max_num_batched_tokens, kv, kv_cache_tokens,
             kv_cache_bytes, block_size, enable_prefix_caching) -> EngineConfig:
     """LLM's engine options as one EngineConfig (errors name ``max_batch_size``)."""
-    options = (max_batch_size, max_num_batched_tokens, kv, kv_cache_tokens, kv_cache_bytes,
-               block_size, enable_prefix_caching)
+    options = given(max_num_seqs=max_batch_size, max_num_batched_tokens=max_num_batched_tokens,
+                    kv=kv, kv_cache_tokens=kv_cache_tokens, kv_cache_bytes=kv_cache_bytes,
+                    block_size=block_size, enable_prefix_caching=enable_prefix_caching)
     if config is None:
-        return EngineConfig(max_batch_size, max_num_batched_tokens, None, kv, block_size,
-                            kv_cache_tokens, kv_cache_bytes, enable_prefix_caching,
-                            seqs_name="max_batch_size")
+        return EngineConfig(**{**LLM_DEFAULTS, **options}, seqs_name="max_batch_size")
     if not isinstance(config, EngineConfig):
         raise TypeError(f"config must be an EngineConfig, got {type(config).__name__}")
-    if options != (16, 2048, "paged", None, None, None, True):
+    if options:
         raise ValueError("give the engine options one by one or as config=, not both")
     return config

@@ -14,10 +14,23 @@ import re
 from dataclasses import InitVar, dataclass, replace
 
 # the flags live where the CLI can import them without torch
-from ..args import ENGINE_FLAGS, add_engine_args  # noqa: F401
+from ..args import ENGINE_FLAGS
 from .kv_cache_manager import blocks_for_budget
 
 KV_KINDS = ("paged", "slots")
+
+
+class _Unset:
+    def __repr__(self):
+        return "<default>"
+
+
+UNSET = _Unset()   # an option not given, so that each default is written once (here)
+
+
+def given(**options) -> dict:
+    """The options that were given (not ``UNSET``)."""
+    return {k: v for k, v in options.items() if v is not UNSET}
 DEFAULT_BLOCK_SIZE = 16
 
 

@@ -36,13 +36,12 @@ from typing import Hashable
 
 from ..generate import check_prompt
 from ..sampling import SamplingParams
-from .config import EngineConfig
+from .config import UNSET, EngineConfig, given
 from .kv_cache_manager import KVCacheManager, SlotKVCacheManager, blocks_for_budget
 from .model_runner import ModelRunner
 from .scheduler import Scheduler, SchedulerOutput, SequenceUpdate
 from .sequence import Sequence, SequenceMetrics, nth_sample
 
-_UNSET = object()     # an option not given: EngineConfig's default applies
 
 
 @dataclass
@@ -85,26 +84,28 @@ class LLMEngine:
                          SmolLM2's full 8K context take 6 GB: size ``max_model_len`` to the
                          requests)."""
 
-    def __init__(self, model, tokenizer=None, max_num_seqs=_UNSET, max_num_batched_tokens=_UNSET,
-                 max_model_len=_UNSET, kv=_UNSET, record_steps: bool = False,
-                 block_size=_UNSET, kv_cache_tokens=_UNSET, enable_prefix_caching=_UNSET, *,
+    scheduler_cls = Scheduler     # the scheduling policy (``StaticBatcher``: static batches)
+
+    def __init__(self, model, tokenizer=None, max_num_seqs=UNSET, max_num_batched_tokens=UNSET,
+                 max_model_len=UNSET, kv=UNSET, record_steps: bool = False,
+                 block_size=UNSET, kv_cache_tokens=UNSET, enable_prefix_caching=UNSET, *,
                  config: EngineConfig | None = None):
-        given = {k: v for k, v in dict(
+        options = given(
             max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
             max_model_len=max_model_len, kv=kv, block_size=block_size,
-            kv_cache_tokens=kv_cache_tokens, enable_prefix_caching=enable_prefix_caching,
-        ).items() if v is not _UNSET}
-        if config is not None and given:
+            kv_cache_tokens=kv_cache_tokens, enable_prefix_caching=enable_prefix_caching)
+        if config is not None and options:
             raise ValueError("give the engine's options one by one or as config=, not both")
-        self.config = config = (config or EngineConfig(**given)).resolve(model.config,
-                                                                            model.dtype)
+        self.config = config = (config or EngineConfig(**options)).resolve(model.config,
+                                                                              model.dtype)
         self.model, self.tokenizer = model, tokenizer
         self.max_model_len = config.max_model_len
         self.eos_ids = tuple(tokenizer.stop_token_ids) if tokenizer is not None else ()
-        manager = _make_manager(config, model)
-        self.scheduler = Scheduler(manager, config.max_num_seqs, config.max_num_batched_tokens,
-                                   tokenizer)
-        self.runner = ModelRunner(model, config, getattr(manager, "num_blocks", None))
+        num_blocks = _num_blocks(config, model)
+        self.scheduler = self.scheduler_cls(_make_manager(config, num_blocks),
+                                            config.max_num_seqs, config.max_num_batched_tokens,
+                                            tokenizer)
+        self.runner = ModelRunner(model, config, num_blocks)
         self._requests: dict[Hashable, list[Sequence]] = {}
         self._seq_ids = itertools.count()
         self._pending: list[StepOutput] = []      # abort notices, returned by the next step
@@ -238,10 +239,10 @@ class LLMEngine:
             del self._requests[request_id]
 
 
-def _make_manager(config: EngineConfig, model):
-    """The engine's KV cache manager for a resolved ``config``."""
+def _num_blocks(config: EngineConfig, model) -> int | None:
+    """The paged cache's size in blocks for a resolved ``config`` (None: slots)."""
     if config.kv == "slots":
-        return SlotKVCacheManager(config.max_num_seqs, config.max_model_len)
+        return None
     bs = config.block_size
     per_seq = -(-config.max_model_len // bs)          # blocks of one full-length sequence
     blocks = (config.max_num_seqs * per_seq if config.kv_cache_tokens is None
@@ -251,4 +252,11 @@ def _make_manager(config: EngineConfig, model):
         raise ValueError(f"kv_cache_tokens={config.kv_cache_tokens} holds {blocks} blocks of "
                          f"{bs} tokens, less than one sequence of max_model_len="
                          f"{config.max_model_len} needs ({per_seq} blocks)")
-    return KVCacheManager(blocks, bs, config.enable_prefix_caching)
+    return blocks
+
+
+def _make_manager(config: EngineConfig, num_blocks: int | None):
+    """The scheduler's KV cache manager: who holds which memory (no tensors)."""
+    if num_blocks is None:
+        return SlotKVCacheManager(config.max_num_seqs, config.max_model_len)
+    return KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)

@@ -68,9 +68,6 @@ class StaticBatcher(LLMEngine):
         config = EngineConfig(max_batch_size, max_batch_size * mml, mml, "slots",
                               seqs_name="max_batch_size")
         super().__init__(model, tokenizer, record_steps=record_steps, config=config)
-        s = self.scheduler
-        self.scheduler = StaticScheduler(s.kv_cache_manager, s.max_num_seqs,
-                                         s.max_num_batched_tokens, tokenizer)
 
     def add_request(self, request_id, prompt, params=None, arrival_time=None):
         if params is not None and getattr(params, "n", 1) != 1:
