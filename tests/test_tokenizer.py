@@ -103,7 +103,7 @@ def test_from_gguf_tiny(tmp_path):
 def test_from_gguf_pre_tokenizer_split(tmp_path):
     # "3 4" ranks first, so the split decides the ids: one GPT-2 word "12345" gives 12|34|5,
     # Llama 3's 1-3 digit groups give 12|3 + 45, Qwen 2's single digits give 1|2|3|4|5.
-    # "smollm" gets the GPT-2 split, as in transformers' GGUF converter (see tokenizer.py).
+    # "smollm" gets the GPT-2 split, as in transformers' GGUF converter (tokenizer/gguf_bpe.py).
     merges = ["3 4", "1 2", "4 5"]
     expected = {"gpt2": ["12", "34", "5"], "smollm": ["12", "34", "5"],
                 "llama-bpe": ["12", "3", "45"], "qwen2": ["1", "2", "3", "4", "5"]}
