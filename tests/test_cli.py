@@ -1,7 +1,7 @@
 """The ``tinyserve`` command line, run in-process: generate, chat, info and argument errors.
 
 Tests marked slow use the real SmolLM2 (loaded once per session and handed to the CLI through
-``tinyserve.cli.load_llm``); the argument checks and the REPL logic run on a fake LLM.
+``tinyserve.cli.loading.load_llm``); the argument checks and the REPL logic run on a fake LLM.
 """
 import io
 import re
@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from tinyserve import cli
+from tinyserve.cli import loading
 
 
 # ---- fixtures ----------------------------------------------------------------------------
@@ -28,7 +29,7 @@ def use_real(monkeypatch, real_llm):
     def fake_load(model, device="auto", dtype=None, config=None):
         calls.append((model, device, dtype))
         return real_llm
-    monkeypatch.setattr(cli, "load_llm", fake_load)
+    monkeypatch.setattr(loading, "load_llm", fake_load)
     return calls
 
 
@@ -52,7 +53,7 @@ class FakeLLM:
 @pytest.fixture
 def fake(monkeypatch):
     llm = FakeLLM()
-    monkeypatch.setattr(cli, "load_llm", lambda *a, **k: llm)
+    monkeypatch.setattr(loading, "load_llm", lambda *a, **k: llm)
     return llm
 
 
@@ -60,7 +61,7 @@ def fake(monkeypatch):
 def no_load(monkeypatch):
     def fail(*a, **k):
         raise AssertionError("bad arguments must be rejected before loading a model")
-    monkeypatch.setattr(cli, "load_llm", fail)
+    monkeypatch.setattr(loading, "load_llm", fail)
 
 
 class Recorder(io.StringIO):
@@ -125,7 +126,7 @@ def test_engine_flags_reach_the_llm(monkeypatch, capsys, fake):
     """One EngineConfig from the shared flags; none given: LLM's own defaults."""
     from tinyserve import EngineConfig
     seen = []
-    monkeypatch.setattr(cli, "load_llm", lambda *a, config=None: seen.append(config) or fake)
+    monkeypatch.setattr(loading, "load_llm", lambda *a, config=None: seen.append(config) or fake)
     monkeypatch.setattr(sys, "stdin", io.StringIO("/exit\n"))
     assert cli.main(["chat", "--max-num-seqs", "2", "--kv", "slots", "--max-model-len",
                      "64"]) == 0

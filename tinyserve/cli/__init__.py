@@ -1,0 +1,52 @@
+"""The ``tinyserve`` command line: generate, chat and info.
+
+    tinyserve generate "The capital of France is" --max-tokens 32 --temperature 0
+    tinyserve generate "What is the capital of France?" --chat
+    tinyserve chat --system "You are a terse assistant."
+    tinyserve info smollm2
+
+``generate`` streams the completion to stdout and prints one line of statistics to stderr, so
+``tinyserve generate ... > out.txt`` keeps only the text. Bad arguments print one
+``error: ...`` line to stderr and exit with status 2.
+
+Heavy imports (torch, the model) happen after the arguments are checked, so ``--help`` and
+argument errors are instant.
+
+Modules: ``parser`` (subcommands, flags, argument types), ``loading`` (model name check,
+``LLM``, EngineConfig and SamplingParams from the arguments), one per command (``generate``,
+``chat``, ``info``), ``exits`` (exit statuses and the CLI's two errors); ``main`` is here.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+from ..errors import RequestFailed
+from .exits import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, Failure, UsageError
+from .parser import build_parser
+
+__all__ = ["main"]
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+        return args.func(args)
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except (Failure, RequestFailed) as e:   # RequestFailed: the generation itself raised
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_FAILURE
+    except SystemExit as e:  # --help / --version
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else EXIT_USAGE)
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:  # e.g. `tinyserve generate ... | head -c 10`
+        try:
+            sys.stdout = open(os.devnull, "w")
+        except OSError:
+            pass
+        return EXIT_OK
