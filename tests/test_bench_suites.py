@@ -191,7 +191,7 @@ def test_all_suite_writes_one_file_per_part(tmp_path, monkeypatch):
 
 
 def test_hf_name_mapping():
-    from tinyserve.bench.decode import hf_name
+    from tinyserve.bench.hf import hf_name
     assert hf_name("embed.weight") == "model.embed_tokens.weight"
     assert hf_name("norm.weight") == "model.norm.weight"
     assert hf_name("lm_head.weight") == "lm_head.weight"

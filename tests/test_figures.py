@@ -126,8 +126,8 @@ def test_stale_figures_of_a_removed_result_are_deleted(tmp_path):
 # The GPU run (benchmarks/gpu_check.sh) also writes `quant` results and `speculative` results in
 # GPU mode; none is committed yet, so draw ones made here by the same code on the CPU.
 def test_quant_and_gpu_mode_speculative_results_are_drawn(tmp_path):
-    from tinyserve.bench import speculative
     from tinyserve.bench.common import env_info
+    from tinyserve.bench.speculative_gpu import run_gpu
     assert bench_main.main(["quant", "--device", "cpu", "--threads", "1", "--model", "tiny-mha",
                             "--formats", "int4-g64", "--batch-sizes", "1",
                             "--prompt-len", "4", "--new-tokens", "2", "--repeats", "1",
@@ -136,7 +136,7 @@ def test_quant_and_gpu_mode_speculative_results_are_drawn(tmp_path):
     args = argparse.Namespace(k="3", drafts="prompt-lookup", gpu_models="tiny",
                               alpha_from=str(RESULTS / "cpu-2core-speculative.json"),
                               repeats=1, budget_s=None)
-    spec = speculative.run_gpu(args, torch.device("cpu"), env_info("cpu"))
+    spec = run_gpu(args, torch.device("cpu"), env_info("cpu"))
     assert spec["mode"] == "gpu" and spec["predicted"]
     for result in (quant, spec):
         paths = plots.plot_result(result, tmp_path / "figs")

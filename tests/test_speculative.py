@@ -415,6 +415,7 @@ def _gpu_mode(tmp_path, device):
     import json
 
     from tinyserve.bench import speculative as bench
+    from tinyserve.bench.speculative_gpu import run_gpu
     cpu_rows = [{"task": "chat", "draft": d, "k": 2, "alpha_cond": 0.5, "tokens_per_step": 1.75,
                  "draft_s": 0.01, "drafted": 10} for d in ("prompt-lookup", "early-exit:1",
                                                           "int4", "head")]
@@ -423,7 +424,7 @@ def _gpu_mode(tmp_path, device):
     # K: those of the CPU file; "none" has nothing to time on a GPU and is left out
     args = argparse.Namespace(k=None, drafts="none,prompt-lookup,early-exit:1,int4,head",
                               gpu_models="tiny", alpha_from=str(alpha_file), repeats=2)
-    res = bench.run_gpu(args, torch.device(device), {"gpu": None})
+    res = run_gpu(args, torch.device(device), {"gpu": None})
     assert res["config"]["ks"] == [2] and "none" not in res["config"]["drafts"]
     shape = res["shapes"][0]
     assert shape["model"] == "tiny" and shape["target_step"]["eager_s"] > 0
@@ -453,10 +454,10 @@ def test_bench_gpu_mode_harness_on_the_cpu(tmp_path):
 def test_bench_gpu_mode_budget_skips_and_says_so(tmp_path):
     import argparse
 
-    from tinyserve.bench import speculative as bench
+    from tinyserve.bench.speculative_gpu import run_gpu
     args = argparse.Namespace(k="2", drafts="early-exit:1", gpu_models="tiny,tiny-mha",
                               alpha_from=str(tmp_path / "none.json"), repeats=1, budget_s=0.0)
-    res = bench.run_gpu(args, torch.device("cpu"), {"gpu": None})
+    res = run_gpu(args, torch.device("cpu"), {"gpu": None})
     assert [s.get("skipped") for s in res["shapes"]] == ["time budget spent"] * 2
     assert res["predicted"] == [] and res["alpha_source"]["file"] is None
 

@@ -64,7 +64,7 @@ def test_train_head_command_smoke(smollm2, tmp_path, monkeypatch):
     """The command end to end at a toy budget: data (the target's answers, features, cache),
     a few steps, evaluation, the file. Loads the model from the session fixture."""
     from tinyserve.speculative import __main__ as cli
-    from tinyserve.speculative import train
+    from tinyserve.speculative import features
     monkeypatch.setattr("tinyserve.loader.load_model", lambda *a, **k: smollm2)
     out = tmp_path / "head.safetensors"
     argv = ["train-head", "--out", str(out), "--cache-dir", str(tmp_path / "cache"),
@@ -83,13 +83,13 @@ def test_train_head_command_smoke(smollm2, tmp_path, monkeypatch):
     assert 0 < vocab_ids.numel() <= 512 + len(smollm2[1].stop_token_ids)
     assert len(list((tmp_path / "cache").glob("features-*.safetensors"))) == 1
     # a second build reads the cached features instead of recomputing them
-    cfg = train.TrainConfig(chat_prompts=2, heldout_prompts=1, answer_tokens=4, seq_len=32,
-                            docs_tokens=64, code_tokens=32)
-    monkeypatch.setattr(train, "self_distill", None)       # would fail if called
-    ds = train.build_dataset(smollm2[0], smollm2[1], cfg, tmp_path / "cache", log=lambda *a: 0)
+    cfg = features.TrainConfig(chat_prompts=2, heldout_prompts=1, answer_tokens=4, seq_len=32,
+                               docs_tokens=64, code_tokens=32)
+    monkeypatch.setattr(features, "self_distill", None)       # would fail if called
+    ds = features.build_dataset(smollm2[0], smollm2[1], cfg, tmp_path / "cache", log=lambda *a: 0)
     assert ds["info"] == rec["data"] and ds["feats"].dtype == torch.float16
     assert ds["feats"].shape == (int(ds["offsets"][-1]), smollm2[0].config.hidden_size)
-    assert train.TrainConfig().steps > 3   # the committed head was trained for real
+    assert features.TrainConfig().steps > 3   # the committed head was trained for real
 
 
 def test_bench_suite_cpu_records_consistent_fields(smollm2, tmp_path, monkeypatch, capsys):

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from _oracle import DEV, U32, unit, within
 
-att = importlib.import_module("tinyserve.ops.attention")
+common = importlib.import_module("tinyserve.ops.attention_common")
 dec = importlib.import_module("tinyserve.ops.decode_attention")
 pre = importlib.import_module("tinyserve.ops.prefill_attention")
 paged = importlib.import_module("tinyserve.ops.paged_attention")
@@ -82,7 +82,7 @@ PREFILL = [   # (kv_lens, T, Hq, Hkv): a fresh prompt beside a chunk after a cac
 def test_reference_prefill(lens, T, Hq, Hkv, D):   # D = 8: the toy models' head_dim
     q, k, v, q_pos, kv = contiguous_case(lens, T, Hq, Hkv, D, torch.float32)
     exact = oracle(q, k, v, lens)
-    got = att.attention_ref(q, k, v, q_pos, kv)
+    got = common.attention_ref(q, k, v, q_pos, kv)
     within(f"attention_ref T={T} D={D}", got, exact, bound(q, k, v, lens, exact, False))
     torch.testing.assert_close(pre.prefill_attention_ref(q, k, v, q_pos, kv), got)
 
@@ -104,7 +104,7 @@ def test_right_padded_batch(impl):
     lens, T = [11, 4], 11
     q, k, v, _, kv = contiguous_case(lens, T, 4, 2, 64, torch.float32, seed=6)
     q_pos = torch.arange(T, device=DEV).expand(2, T)
-    fn = att.attention_ref if impl == "ref" else pre.prefill_attention_triton
+    fn = common.attention_ref if impl == "ref" else pre.prefill_attention_triton
     got = fn(q, k, v, q_pos, kv)
     exact = oracle(q, k, v, lens, first=[0, 0])
     within(f"right-padded {impl}", got, exact, bound(q, k, v, lens, exact, impl == "triton"))

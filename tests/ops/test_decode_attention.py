@@ -5,6 +5,8 @@ import pytest
 import torch
 from _fixtures import close
 
+from tinyserve.ops.launch import DECODE_BLOCK_N, num_kv_splits, split_plan
+
 mod = importlib.import_module("tinyserve.ops.decode_attention")   # the module, not the function
 TOLS = [(torch.float32, 1e-5, 1e-5), (torch.float16, 2e-3, 2e-3)]
 
@@ -71,19 +73,19 @@ def test_head_dim_128_and_contiguous_qkv():
 
 def test_num_kv_splits_heuristic():
     # H100 (132 SMs): batch 1 at 32k with 32 KV heads must fill the GPU with splits ...
-    ns = mod.num_kv_splits(32, 32768, 132)
+    ns = num_kv_splits(32, 32768, 132)
     assert 32 * ns >= 2 * 132 and ns <= 64
-    assert mod.num_kv_splits(8, 32768, 132) * 8 >= 2 * 132       # GQA: 8 KV heads
+    assert num_kv_splits(8, 32768, 132) * 8 >= 2 * 132       # GQA: 8 KV heads
     # ... while B*Hkv programs that already fill it get one split (no combine pass).
-    assert mod.num_kv_splits(16 * 32, 2048, 132) == 1
-    assert mod.num_kv_splits(1, 10, 132) == 1                     # one block: nothing to split
+    assert num_kv_splits(16 * 32, 2048, 132) == 1
+    assert num_kv_splits(1, 10, 132) == 1                     # one block: nothing to split
 
 
 @pytest.mark.parametrize("S, asked", [(1, 4), (64, 1), (100, 3), (4096, 64), (32768, 57),
                                       (1823, 7), (2048, 200)])
 def test_split_plan_covers_every_key_once_in_whole_tiles(S, asked):
-    ns, per = mod.split_plan(S, asked)
-    assert per % mod.BLOCK_N == 0 and 1 <= ns <= asked
+    ns, per = split_plan(S, asked)
+    assert per % DECODE_BLOCK_N == 0 and 1 <= ns <= asked
     starts = [s * per for s in range(ns)]
     assert starts[-1] < S <= ns * per          # the last chunk holds a key; together they hold all
 

@@ -12,6 +12,8 @@ import torch
 from tinyserve.quant import formats
 
 qlin = importlib.import_module("tinyserve.ops.quant_linear")
+qcommon = importlib.import_module("tinyserve.ops.quant_linear_common")
+qkernel = importlib.import_module("tinyserve.ops.quant_linear_kernel")
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -47,9 +49,9 @@ def tolerance(dtype, K):
 def check(x, qt, bias=None, **kw):
     N, K = qt.shape
     out = torch.full((*x.shape[:-1], N), float("nan"), dtype=x.dtype, device=x.device)
-    got = qlin.quant_linear_triton(x, qt, bias, out=out, **kw)
+    got = qkernel.quant_linear_triton(x, qt, bias, out=out, **kw)
     assert got is out
-    want = qlin.quant_linear_ref(x, qt, bias)
+    want = qcommon.quant_linear_ref(x, qt, bias)
     atol, rtol = tolerance(x.dtype, K)
     err = (got.float() - want.float()).abs()
     worst = err.max().item() if err.numel() else 0.0
@@ -153,15 +155,15 @@ def test_bad_arguments_raise_value_error():
     with pytest.raises(ValueError, match="dtype"):
         qlin.quant_linear(x.double(), qt)
     with pytest.raises(ValueError, match="dtype"):
-        qlin.quant_linear_triton(x.to(torch.int32), qt)
+        qkernel.quant_linear_triton(x.to(torch.int32), qt)
     with pytest.raises(ValueError, match="bias"):
         qlin.quant_linear(x, qt, torch.zeros(7, device=DEV))
     with pytest.raises(ValueError, match="backend"):
         qlin.quant_linear(x, qt, backend="cuda")
     with pytest.raises(ValueError, match="out"):
-        qlin.quant_linear_triton(x, qt, out=torch.empty(2, 9, device=DEV))
+        qkernel.quant_linear_triton(x, qt, out=torch.empty(2, 9, device=DEV))
     with pytest.raises(ValueError, match="path"):
-        qlin.quant_linear_triton(x, qt, path="medium")
+        qkernel.quant_linear_triton(x, qt, path="medium")
     bad = make_weight("int8", 8, 64)
     bad.format = "int3"
     with pytest.raises(ValueError, match="unknown weight format"):
@@ -169,7 +171,7 @@ def test_bad_arguments_raise_value_error():
     q40 = make_weight("gguf-Q4_1", 8, 64)
     q40.qtype = "Q4_0"                 # formats refuses to build one; the op must refuse too
     with pytest.raises(ValueError, match="Q4_0"):
-        qlin.quant_linear_triton(x, q40)
+        qkernel.quant_linear_triton(x, q40)
 
 
 def test_weight_bytes_match_the_formats():

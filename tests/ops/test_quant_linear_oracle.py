@@ -15,7 +15,8 @@ import torch
 from tinyserve.quant import formats
 from _oracle import DEV, U32, unit, within
 
-qlin = importlib.import_module("tinyserve.ops.quant_linear")
+qcommon = importlib.import_module("tinyserve.ops.quant_linear_common")
+qkernel = importlib.import_module("tinyserve.ops.quant_linear_kernel")
 N = 19
 
 
@@ -144,7 +145,7 @@ def test_reference_matches_oracle(fmt, M, dtype):
     g = torch.Generator().manual_seed(1)
     x, b = torch.randn(M, K, generator=g).to(dtype), torch.randn(N, generator=g).to(dtype)
     exact, allowed = oracle_and_bound(x, qt, b, rounds_w=dtype != torch.float32)
-    got = qlin.quant_linear_ref(x, qt, b)
+    got = qcommon.quant_linear_ref(x, qt, b)
     within(f"ref {fmt} M={M} {dtype}", got, exact, allowed + unit(dtype) * exact.abs())
 
 
@@ -157,6 +158,6 @@ def test_kernel_matches_oracle(fmt, M, dtype):
     b = b.to(dtype)
     # the kernel rounds dequantized weights to x's dtype for tl.dot (M > 1), not for M = 1
     exact, allowed = oracle_and_bound(x, qt, b, rounds_w=dtype != torch.float32 and M > 1)
-    got = qlin.quant_linear_triton(x, qt, b).cpu()
+    got = qkernel.quant_linear_triton(x, qt, b).cpu()
     within(f"kernel {fmt} M={M} {dtype}", got, exact,
            allowed + unit(dtype, triton=True) * exact.abs())

@@ -19,8 +19,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Callable, Sequence
 
-from ..args import nonnegative_int, positive_int  # noqa: F401  (the suites' argparse types)
-from ..timing import clock, synchronize  # noqa: F401  (the suites time with these)
+from ..args import positive_int
+from ..timing import clock
 
 DEFAULT_OUT = Path("benchmarks") / "results"
 

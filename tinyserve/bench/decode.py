@@ -25,9 +25,10 @@ from __future__ import annotations
 
 import statistics
 
-from .common import Budget, clock, comma_list, finish, free_memory, log, positive_int, repeat, \
-    start, table, time_calls
-from .hf import build_hf, hf_config, hf_name  # noqa: F401  (the HF peer: its own module now)
+from ..args import positive_int
+from ..timing import clock
+from .common import Budget, comma_list, finish, free_memory, log, repeat, start, table, time_calls
+from .hf import build_hf
 
 NAME = "decode"
 HELP = "decode tokens/s of Llama-3.2-1B / Llama-2-7B shapes (random weights): ours vs HF"

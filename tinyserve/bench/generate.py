@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import time
 
-from .common import clock, load_avg, log, nonnegative_int, positive_int, start, summarize, table
+from ..args import nonnegative_int, positive_int
+from ..timing import clock
+from .common import load_avg, log, start, summarize, table
 from .hf import load_hf
 
 NAME = "generate"

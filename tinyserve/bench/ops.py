@@ -22,8 +22,8 @@ import importlib
 import pkgutil
 import statistics
 
-from .common import Budget, comma_list, finish, free_memory, log, positive_int, start, table, \
-    time_calls
+from ..args import positive_int
+from .common import Budget, comma_list, finish, free_memory, log, start, table, time_calls
 
 NAME = "ops"
 HELP = "each op's Triton kernel vs its peers (cuBLAS, SDPA, eager ref), fraction of roofline"

@@ -34,8 +34,9 @@ from __future__ import annotations
 import math
 from dataclasses import replace
 
-from ..args import add_engine_args
-from .common import clock, finish, log, positive_int, start, table
+from ..args import add_engine_args, positive_int
+from ..timing import clock
+from .common import finish, log, start, table
 
 NAME = "paged"
 HELP = "paged KV store vs contiguous slots: waste, sequences per KV budget, prefix caching"

@@ -35,7 +35,8 @@ from __future__ import annotations
 
 import time
 
-from .common import Budget, comma_list, finish, free_memory, log, positive_int, start, table
+from ..args import positive_int
+from .common import Budget, comma_list, finish, free_memory, log, start, table
 
 NAME = "quant"
 HELP = "memory and decode tok/s per weight format (bf16/int8/int4/nf4), Llama-2-7B shape"

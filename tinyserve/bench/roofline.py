@@ -15,8 +15,7 @@ the ops and decode suites of one run share one measurement.
 """
 from __future__ import annotations
 
-# resolve_device: the notebooks and the other suites call roofline.resolve_device
-from .common import log, resolve_device, start, table, time_calls  # noqa: F401
+from .common import log, resolve_device, start, table, time_calls
 
 NAME = "roofline"
 HELP = "measured copy bandwidth and matmul rate of this device (the ceilings)"

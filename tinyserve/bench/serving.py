@@ -32,7 +32,7 @@ all did the same work, not a speed number.
 
 Models: ``smollm2`` (default on CPU: the real weights; HF reads the same GGUF file), or on CUDA
 ``llama-3.2-1b`` / ``llama-2-7b`` (default there: the 1B) with random weights built by the
-``decode`` suite's ``build_ours`` / ``build_hf`` (HF holds the same tensors), or ``tiny`` (CI).
+``decode`` suite's ``build_ours`` and ``hf.build_hf`` (HF holds the same tensors), or ``tiny`` (CI).
 Figures (``plot``): throughput per system, and latency p50/p99 against arrival rate.
 """
 from __future__ import annotations
@@ -40,8 +40,9 @@ from __future__ import annotations
 import math
 import time
 
-from ..args import add_engine_args
-from .common import clock, comma_list, finish, free_memory, log, positive_int, start, table
+from ..args import add_engine_args, positive_int
+from ..timing import clock
+from .common import comma_list, finish, free_memory, log, start, table
 
 NAME = "serving"
 HELP = "continuous vs static batching vs HF batched generate: throughput, latency vs rate"

@@ -23,8 +23,10 @@ run's alpha: see ``speculative_gpu``.
 """
 from __future__ import annotations
 
-from .common import DEFAULT_OUT, clock, comma_list, finish, fmt, log, positive_int, start, table
-from .speculative_gpu import run_gpu  # noqa: F401  (the GPU mode; tests call it from here)
+from ..args import positive_int
+from ..timing import clock
+from .common import DEFAULT_OUT, comma_list, finish, fmt, log, start, table
+from .speculative_gpu import run_gpu
 
 NAME = "speculative"
 HELP = "speculative decoding: alpha, tokens per step, draft cost and speedup per draft and task"

@@ -7,7 +7,8 @@ from .rms_norm import rms_norm, rms_norm_ref
 from .rope import rope_cos_sin, apply_rope, apply_rope_ref
 from .swiglu import swiglu, swiglu_ref
 from .linear import linear, linear_ref
-from .attention import attention, attention_ref
+from .attention import attention
+from .attention_common import attention_ref
 from .decode_attention import decode_attention, decode_attention_ref
 from .prefill_attention import prefill_attention, prefill_attention_ref
 from .paged_attention import (paged_attention, paged_decode_attention_ref,

@@ -14,9 +14,7 @@ The Triton path has two kernels, because the two phases have opposite bottleneck
 """
 from . import decode_attention as _decode, prefill_attention as _prefill
 from ._dispatch import resolve
-# Re-exported: ``ops.attention_ref`` and the kernel limits are part of this op's interface.
-from .attention_common import (KERNEL_DTYPES, KERNEL_HEAD_DIMS, attention_ref,  # noqa: F401
-                               check_attention_args, kernel_supports)
+from .attention_common import attention_ref, kernel_supports
 
 
 def attention(q, k, v, q_pos, kv_len, backend="auto"):

@@ -16,10 +16,9 @@ import torch.nn.functional as F
 
 from ._dispatch import interpreter_on, resolve
 from .attention_common import attention_ref, check_attention_args
-# The split heuristic and tile size live in launch.py (paged decode shares them); they are
-# re-exported here, next to the kernel they size.
-from .launch import (DECODE_BLOCK_N as BLOCK_N, dot_precision, group_rows,  # noqa: F401
-                     num_kv_splits, qk_scale, sm_count, split_plan)
+# The split heuristic and tile size live in launch.py: paged decode shares them.
+from .launch import (DECODE_BLOCK_N, dot_precision, group_rows, num_kv_splits, qk_scale, sm_count,
+                     split_plan)
 from .softmax import merge_splits, split_outputs
 from .spec import BenchCase
 
@@ -112,7 +111,7 @@ def decode_attention_triton(q, k, v, q_pos, kv_len, out=None, num_splits=None):
         q.stride(0), q.stride(1), q.stride(3), *k.stride(), *v.stride(),
         q_pos.stride(0), kv_len.stride(0), *part_strides, *lse_strides,
         S, keys_per_split, qk_scale(D),
-        G=G, BLOCK_G=block_g, BLOCK_N=BLOCK_N, D=D, USE_DOT=use_dot,
+        G=G, BLOCK_G=block_g, BLOCK_N=DECODE_BLOCK_N, D=D, USE_DOT=use_dot,
         PRECISION=dot_precision(q.dtype), SINGLE=ns == 1, num_warps=4, num_stages=2)
     merge_splits(part, lse, o2, ns)
     return out

@@ -1,7 +1,7 @@
-"""The packed-weight constants the quantized kernel (``quant_linear.py``) depends on, defined once.
+"""The packed-weight constants the quantized kernel (``quant_linear*.py``) depends on, defined once.
 
 ``tinyserve.quant.formats`` produces weights in these layouts and imports these constants from
-here; ``quant_linear.py`` reads them. They live in ops, below both, so that ops imports nothing
+here; ``quant_linear_common.py`` and ``quant_linear.py`` read them. They live in ops, below both, so that ops imports nothing
 above itself (quant imports ops, never the reverse).
 """
 

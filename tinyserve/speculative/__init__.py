@@ -7,7 +7,8 @@ forward pass, and an exact accept/reject rule keeps the target's output distribu
 
 Modules: ``core`` (the rule, the loop, bookkeeping), ``drafts`` (the Draft interface, prompt
 lookup, model drafts: early exit, quantized copy), ``head`` (the EAGLE-style trained head and
-its files), ``train`` (``python -m tinyserve.speculative train-head``).
+its files), ``features`` and ``train`` (``python -m tinyserve.speculative train-head``: the
+cached data, then the training loop and its evaluation).
 """
 from .core import (Round, SpecOutput, SpecStats, SpeculativeDecoder, acceptance_probability,
                    expected_tokens_per_step, generate_speculative, residual_distribution,

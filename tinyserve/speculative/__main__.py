@@ -9,7 +9,7 @@ import argparse
 import dataclasses
 import sys
 
-from ..bench.common import nonnegative_int, positive_int
+from ..args import nonnegative_int, positive_int
 
 
 HELP = {
@@ -30,7 +30,7 @@ HELP = {
 
 def build_parser() -> argparse.ArgumentParser:
     from .head import DEFAULT_HEAD
-    from .train import CACHE_DIR, TrainConfig
+    from .features import CACHE_DIR, TrainConfig
     p = argparse.ArgumentParser(prog="python -m tinyserve.speculative")
     sub = p.add_subparsers(dest="command", required=True)
     t = sub.add_parser("train-head", help="train the EAGLE-style draft head on the CPU",
@@ -53,7 +53,8 @@ def main(argv=None) -> int:
     import torch
 
     from ..loader import load_model
-    from .train import TrainConfig, train_head
+    from .features import TrainConfig
+    from .train import train_head
     if args.threads:
         torch.set_num_threads(args.threads)
     cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
