@@ -1,6 +1,6 @@
-"""GPTQ (tinyserve.quant.gptq): lower output error than round-to-nearest on correlated inputs,
-exactly RTN with an identity Hessian, the int4 layout (same kernels), the model-level method
-registered in quantize_model, and (slow) two blocks of the real SmolLM2."""
+"""GPTQ (tinyserve.quant.gptq and gptq_model): lower output error than round-to-nearest on
+correlated inputs, exactly RTN with an identity Hessian, the int4 layout (same kernels), the
+model-level method registered in quantize_model, and (slow) two blocks of the real SmolLM2."""
 import copy
 
 import pytest
@@ -11,8 +11,9 @@ import _fixtures as fx
 from tinyserve.model import Transformer
 from tinyserve.quant import (Int4Linear, Int4Weight, known_methods, quantizable_linears,
                              quantize_int4, quantize_model)
-from tinyserve.quant import gptq
-from tinyserve.quant.gptq import Hessian, gptq_model, gptq_quantize, output_error
+from tinyserve.quant import gptq_model as gptq_model_module
+from tinyserve.quant.gptq import Hessian, gptq_quantize, output_error
+from tinyserve.quant.gptq_model import gptq_model
 
 
 def correlated_layer(N=48, K=256, n=1024, seed=0):
@@ -129,7 +130,7 @@ def test_gptq_is_a_registered_method():
 
 
 def test_quantize_model_gptq_replaces_every_linear_and_beats_rtn():
-    from tinyserve.quant.eval import input_grams, layer_errors, summarize_layers
+    from tinyserve.quant.quality import input_grams, layer_errors, summarize_layers
     ref = tiny_model()
     ids = calib()
     stats = {}
@@ -171,14 +172,14 @@ def test_gptq_errors_leave_the_model_unchanged(monkeypatch):
     with pytest.raises(ValueError, match="calibration token ids"):
         quantize_model(m, "gptq", group_size=32)          # no source file, no ids
     # a failure half-way (here: the 4th layer) restores the weights already replaced
-    real, calls = gptq.gptq_quantize, []
+    real, calls = gptq_model_module.gptq_quantize, []
 
     def flaky(*a, **kw):
         calls.append(1)
         if len(calls) == 4:
             raise RuntimeError("boom")
         return real(*a, **kw)
-    monkeypatch.setattr(gptq, "gptq_quantize", flaky)
+    monkeypatch.setattr(gptq_model_module, "gptq_quantize", flaky)
     with pytest.raises(RuntimeError, match="boom"):
         quantize_model(m, "gptq", group_size=32, calib_ids=calib(), progress=False)
     after = m.state_dict()
@@ -206,7 +207,7 @@ def test_gptq_on_two_blocks_of_smollm2_beats_rtn_g64(smollm2):
     every one of the 14 layers has a lower output error (on the reference model's inputs) with
     GPTQ than with round-to-nearest int4 at group size 64."""
     from tinyserve.quant.calib import calibration_ids
-    from tinyserve.quant.eval import input_grams, layer_errors
+    from tinyserve.quant.quality import input_grams, layer_errors
     model, tok = smollm2
     m = copy.deepcopy(model)
     ids = calibration_ids(tok, n_samples=8, seq_len=256)

@@ -1,5 +1,5 @@
-"""Quality metrics (tinyserve.quant.eval) on tiny models, the offline texts (calib.py), and
-(slow) the CLI on SmolLM2 with small settings."""
+"""Quality metrics (tinyserve.quant.quality) on tiny models, the offline texts (calib.py), and
+(slow) the CLI (tinyserve.quant.eval) on SmolLM2 with small settings."""
 import copy
 import json
 import math
@@ -11,9 +11,9 @@ import torch.nn.functional as Fn
 import _fixtures as fx
 from tinyserve.model import Transformer
 from tinyserve.quant import calib, quantizable_linears, quantize_model
-from tinyserve.quant.eval import (_windows, agreement, greedy_agreement, input_grams,
-                                  layer_errors, method_spec, perplexity, quantized_copy,
-                                  summarize_layers)
+from tinyserve.quant.eval import method_spec, quantized_copy
+from tinyserve.quant.quality import (_windows, agreement, greedy_agreement, input_grams,
+                                     layer_errors, perplexity, summarize_layers)
 
 
 tiny_model = fx.tiny_model
@@ -59,7 +59,7 @@ def _direct_nll(model, ids, window, stride):
     """Per-token NLL with the context spelled out, one forward per scored token: windows begin
     at 0, stride, 2 stride, ... and end window tokens later (or at the text's end); token t is
     scored by the first window that holds it and some context before it, so its context is
-    ids[k * stride : t] for the smallest such k. Independent of quant.eval._windows."""
+    ids[k * stride : t] for the smallest such k. Independent of quant.quality._windows."""
     L = ids.numel()
     nll = []
     for t in range(1, L):

@@ -12,7 +12,7 @@ from tinyserve import LLM, SamplingParams, load_model
 from tinyserve.model import Linear, Transformer
 from tinyserve.quant import (NF4_CODEBOOK, QuantLinear, known_methods, memory_breakdown,
                              model_bytes, quantizable_linears, quantize_model, register_method)
-from tinyserve.quant import _METHODS
+from tinyserve.quant.methods import _METHODS
 
 CASES = [("int8", {}), ("int4", {"group_size": 32}), ("int4", {"group_size": 64}),
          ("int4", {"group_size": 128}), ("nf4", {}), ("nf4", {"double_quant": True})]

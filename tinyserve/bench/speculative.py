@@ -26,9 +26,8 @@ from __future__ import annotations
 from ..args import positive_int
 from ..timing import clock
 from .common import DEFAULT_OUT, comma_list, finish, fmt, log, start, table
-from .speculative_gpu import run_gpu
+from .speculative_gpu import NAME, check_drafts, parse_ks, run_gpu
 
-NAME = "speculative"
 HELP = "speculative decoding: alpha, tokens per step, draft cost and speedup per draft and task"
 
 # Held out from the head's training prompts (tinyserve.speculative.data): other questions,
@@ -83,19 +82,6 @@ def add_arguments(p) -> None:
                    help="GPU runs: the CPU result file whose alpha they use")
     p.add_argument("--repeats", type=positive_int, default=20,
                    help="GPU runs: timed calls per measurement (median)")
-
-
-def _ks(s: str) -> list[int]:
-    return comma_list(s, "k", int, positive=True)
-
-
-def _check_drafts(names: list[str]) -> None:
-    for d in names:
-        base, _, n = d.partition(":")
-        if base not in ("none", "prompt-lookup", "early-exit", "int4", "head") or \
-                (base == "early-exit") != bool(n) or (n and not n.isdigit()):
-            raise ValueError(f"--drafts: unknown draft {d!r} (none, prompt-lookup, "
-                             f"early-exit:N, int4, head)")
 
 
 def make_draft(name: str, model):
@@ -178,8 +164,8 @@ def run_cpu(args, device, env) -> dict:
         raise ValueError(f"--tasks: unknown {bad} (chat, copy, code)")
     if args.prompts > min(len(PROMPTS[t]) for t in tasks):
         raise ValueError(f"--prompts: at most {min(len(PROMPTS[t]) for t in tasks)}")
-    ks, drafts = _ks(args.k or "4"), comma_list(args.drafts, "drafts")
-    _check_drafts(drafts)
+    ks, drafts = parse_ks(args.k or "4"), comma_list(args.drafts, "drafts")
+    check_drafts(drafts)
     log(f"[speculative] loading {args.model} (fp32, CPU) ...")
     model, tok = load_model(args.model, device=device, dtype=torch.float32)
     eos = sorted(tok.stop_token_ids)

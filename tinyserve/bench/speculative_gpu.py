@@ -15,6 +15,22 @@ import statistics
 from pathlib import Path
 
 from .common import Budget, comma_list, free_memory, log, time_calls
+from .decode import build_ours, named_configs
+
+NAME = "speculative"   # the suite (this module holds its GPU mode)
+
+
+def parse_ks(s: str) -> list[int]:
+    return comma_list(s, "k", int, positive=True)
+
+
+def check_drafts(names: list[str]) -> None:
+    for d in names:
+        base, _, n = d.partition(":")
+        if base not in ("none", "prompt-lookup", "early-exit", "int4", "head") or \
+                (base == "early-exit") != bool(n) or (n and not n.isdigit()):
+            raise ValueError(f"--drafts: unknown draft {d!r} (none, prompt-lookup, "
+                             f"early-exit:N, int4, head)")
 
 
 def _median_s(fn, repeats, device) -> float:
@@ -41,7 +57,6 @@ def run_gpu_model(name, config, device, ks, drafts, repeats, over_budget=lambda:
     from ..kv_cache import KVCache
     from ..speculative import DraftHead, early_exit_view, head_config
     from ..speculative.head import init_head
-    from .decode import build_ours
     model = build_ours(config, device, torch.bfloat16)
     c = model.config
     P = min(256, c.max_position_embeddings // 2)  # a 256-token context, as a short chat
@@ -150,10 +165,8 @@ def _combine(rec, cpu_rows, ks) -> list[dict]:
 def run_gpu(args, device, env) -> dict:
     """The GPU mode (it also runs on the CPU with the ``tiny`` shapes, without graphs: the
     tests check the harness that way)."""
-    from .decode import named_configs
-    from .speculative import NAME, _check_drafts, _ks
     drafts = comma_list(args.drafts, "drafts")
-    _check_drafts(drafts)
+    check_drafts(drafts)
     drafts = [d for d in drafts if d != "none"]      # nothing to time: no draft, no verify
     named = named_configs()
     models = [m.strip().lower() for m in comma_list(args.gpu_models, "gpu-models")]
@@ -161,7 +174,7 @@ def run_gpu(args, device, env) -> dict:
     if bad:
         raise ValueError(f"--gpu-models: unknown {bad}; available: {', '.join(named)}")
     cpu_rows, source = _cpu_alpha(args.alpha_from)
-    ks = _ks(args.k) if args.k else sorted({r["k"] for r in cpu_rows}) or [4]
+    ks = parse_ks(args.k) if args.k else sorted({r["k"] for r in cpu_rows}) or [4]
     budget = Budget(getattr(args, "budget_s", None))   # (tests call run_gpu without it)
     shapes, combined = [], []
     for name in models:

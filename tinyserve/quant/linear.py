@@ -1,6 +1,6 @@
 """Quantized drop-in replacements for ``tinyserve.model.Linear``.
 
-A QuantLinear holds one format dataclass from ``formats.py`` as buffers (so ``model.to(device)``
+A QuantLinear holds one format dataclass (see ``formats.py``) as buffers (so ``model.to(device)``
 moves it and ``state_dict()`` saves it) plus an optional bias, and computes
 ``tinyserve.ops.quant_linear.quant_linear(x, qt, bias, backend)``: the fused Triton
 dequantize-and-multiply kernel on CUDA, dequantize-then-``F.linear`` elsewhere.
@@ -17,7 +17,11 @@ import dataclasses
 import torch
 from torch import nn
 
-from .formats import GGUFWeight, Int4Weight, Int8Weight, NF4Weight, QuantizedWeight
+from ..ops.quant_linear import quant_linear
+from .formats import NF4Weight
+from .gguf_format import GGUFWeight
+from .int_formats import Int4Weight, Int8Weight
+from .quantized_weight import QuantizedWeight
 
 _INT_OF = {2: torch.int16, 4: torch.int32, 8: torch.int64}
 
@@ -83,7 +87,6 @@ class QuantLinear(nn.Module):
         return self.qt.dequantize(self._dtype_marker.dtype)
 
     def forward(self, x: torch.Tensor, backend: str = "auto") -> torch.Tensor:
-        from ..ops.quant_linear import quant_linear
         return quant_linear(x, self.qt, self.bias, backend=backend)
 
     def extra_repr(self) -> str:
