@@ -39,8 +39,8 @@ from pathlib import Path
 
 import torch
 
-from ..bench.common import (DEFAULT_OUT, env_info, jsonable, log, positive_int, result_path,
-                            set_threads, table)
+from ..args import positive_int
+from ..bench.common import DEFAULT_OUT, env_info, jsonable, log, result_path, set_threads, table
 from ..loader import load_model
 from . import calib
 from .gptq import gptq_quantize
