@@ -9,6 +9,7 @@ from tinyserve.engine.block_manager import BlockManager
 from _fixtures import close
 
 mod = importlib.import_module("tinyserve.ops.paged_attention")
+layout = importlib.import_module("tinyserve.ops.paged_layout")
 dec = importlib.import_module("tinyserve.ops.decode_attention")
 pre = importlib.import_module("tinyserve.ops.prefill_attention")
 TOLS = [(torch.float32, 1e-5, 1e-5), (torch.float16, 2e-3, 2e-3)]
@@ -334,8 +335,8 @@ def test_gpu_bf16_decode_real_shapes(Hq, Hkv):
     for ns in (None, 1, 7):
         close(f"bf16 {Hq}/{Hkv} splits={ns}", _decode(q, kc, vc, bt, kv, num_splits=ns),
                want, 2e-2, 2e-2)
-    k = mod._gather(kc, bt, kv)
-    v = mod._gather(vc, bt, kv)
+    k = layout.gather_blocks(kc, bt, kv)
+    v = layout.gather_blocks(vc, bt, kv)
     contiguous = dec.decode_attention_triton(q[:, :, None], k, v, (kv - 1)[:, None], kv)
     close("vs contiguous kernel", _decode(q, kc, vc, bt, kv), contiguous[:, :, 0], 2e-2, 2e-2)
 

@@ -30,9 +30,8 @@ from .attention_common import attention_ref, kernel_supports
 from .decode_attention import decode_attention_triton     # the benchmarks' contiguous peers
 from .launch import (DECODE_BLOCK_N, dot_precision, group_rows, num_kv_splits, prefill_config,
                      qk_scale, sm_count, split_plan)
-# Re-exported: tests and notebook 06 reach them as paged_attention.<name>; paged_write
-# dispatches to the two write implementations through this module's names.
-from .paged_layout import (_gather, check_paged_args, paged_write_ref, paged_write_triton,
+# paged_write dispatches to the two write implementations through this module's names.
+from .paged_layout import (check_paged_args, gather_blocks, paged_write_ref, paged_write_triton,
                            random_paged_cache)
 from .prefill_attention import prefill_attention_triton
 from .softmax import merge_splits, split_outputs
@@ -59,7 +58,7 @@ def paged_decode_attention_ref(q, k_cache, v_cache, block_tables, kv_lens):
     """q [B, Hq, D]: row b's query is its last token (position kv_lens[b] - 1) and attends to
     all kv_lens[b] cached keys -> [B, Hq, D]. A row with kv_len 0 gives zeros."""
     check_paged_args(q, k_cache, v_cache, block_tables, kv_lens)
-    k, v = _gather(k_cache, block_tables, kv_lens), _gather(v_cache, block_tables, kv_lens)
+    k, v = gather_blocks(k_cache, block_tables, kv_lens), gather_blocks(v_cache, block_tables, kv_lens)
     q_pos = (kv_lens - 1)[:, None]
     return attention_ref(q[:, :, None], k, v, q_pos, kv_lens)[:, :, 0]
 
@@ -158,8 +157,8 @@ def paged_prefill_attention_ref(q, k_cache, v_cache, block_tables, cu_q, kv_lens
     for b in range(block_tables.shape[0]):   # one row at a time: the reference, not the speed
         s, e = int(cu_q[b]), int(cu_q[b + 1])
         kv = kv_lens[b:b + 1]
-        k = _gather(k_cache, block_tables[b:b + 1], kv)
-        v = _gather(v_cache, block_tables[b:b + 1], kv)
+        k = gather_blocks(k_cache, block_tables[b:b + 1], kv)
+        v = gather_blocks(v_cache, block_tables[b:b + 1], kv)
         q_pos = (kv - (e - s) + torch.arange(e - s, device=q.device))[None]     # [1, T]
         o = attention_ref(q[s:e].transpose(0, 1)[None], k, v, q_pos, kv)       # [1, Hq, T, D]
         out[s:e] = o[0].transpose(0, 1)
@@ -284,7 +283,7 @@ def bench_cases(device, small: bool = False):
         """The paged cache, and the same K/V as contiguous [B, Hkv, S_blocks, D] tensors."""
         kc, vc, bt = random_paged_cache([S] * B, Hkv, D, bs, dtype=dtype, device=dev)
         kv = torch.full((B,), S, dtype=torch.int32, device=dev)
-        return kc, vc, bt, kv, _gather(kc, bt, kv).contiguous(), _gather(vc, bt, kv).contiguous()
+        return kc, vc, bt, kv, gather_blocks(kc, bt, kv).contiguous(), gather_blocks(vc, bt, kv).contiguous()
 
     for Hq, Hkv in heads:
         for B, S in dec_shapes:

@@ -73,7 +73,7 @@ def check_paged_args(q, k_cache, v_cache, block_tables, kv_lens, cu_q=None, out=
                          f"dtypes {KERNEL_DTYPES}, got {D} and {q.dtype} (use backend='ref')")
 
 
-def _gather(cache, block_tables, kv_lens):
+def gather_blocks(cache, block_tables, kv_lens):
     """The reference's "un-paging": [num_blocks, bs, Hkv, D] -> contiguous [B, Hkv, S, D] with
     S = the longest row rounded up to blocks. Reads B*S*Hkv*D elements, writes as many. Checks
     the table on the host (a sync: fine for the reference, never done by the kernels)."""
