@@ -24,6 +24,7 @@ from .engine.config import UNSET, EngineConfig, given
 from .errors import RequestFailed
 from .generate import check_prompt
 from .loader import load_model
+from .quant import get_method, quantize_model
 from .sampling import SamplingParams, per_row_params
 
 
@@ -86,7 +87,6 @@ class LLM:
         config = _config(config, max_batch_size, max_num_batched_tokens, kv, kv_cache_tokens,
                          kv_cache_bytes, block_size, enable_prefix_caching)
         if quantization is not None:  # check the name before the (slow) load
-            from .quant import get_method
             spec = {"method": quantization} if isinstance(quantization, str) else quantization
             if not isinstance(spec, dict) or "method" not in spec:
                 raise ValueError(f"quantization must be a method name or a dict with a "
@@ -95,7 +95,6 @@ class LLM:
         self.model, self.tokenizer = load_model(model, device=device, dtype=dtype,
                                                 backend=backend)
         if quantization is not None:
-            from .quant import quantize_model
             quantize_model(self.model, **spec)
         self._setup(config)
 

@@ -7,6 +7,11 @@ from pathlib import Path
 import torch
 
 from .model import Transformer
+from .ops.rope import rope_inv_freq
+from .tokenizer import Tokenizer
+from .weights import registry
+from .weights.gguf import load_gguf
+from .weights.safetensors import CheckpointError, load_hf_dir
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
            "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
@@ -37,8 +42,6 @@ def resolve_dtype(dtype, device: torch.device) -> torch.dtype:
 
 def resolve_source(name_or_path: str | os.PathLike) -> Path:
     """A registry name (fetched on first use), a .gguf file, or an HF directory."""
-    from .weights import registry
-
     p = Path(name_or_path)
     if p.exists():
         return p
@@ -53,7 +56,6 @@ def resolve_source(name_or_path: str | os.PathLike) -> Path:
 
 
 def _is_registered(name: str) -> bool:
-    from .weights import registry
     try:
         registry.resolve(name)
         return True
@@ -63,22 +65,17 @@ def _is_registered(name: str) -> bool:
 
 def load_model(name_or_path="smollm2", device="auto", dtype=None, backend="auto"):
     """-> (model, tokenizer). The model is in eval mode on ``device`` in ``dtype``."""
-    from .tokenizer import Tokenizer
-
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     src = resolve_source(name_or_path)
     packed = {}
     if src.is_dir():
-        from .weights.safetensors import load_hf_dir
         config, state = load_hf_dir(src, dt)
         tokenizer = Tokenizer.from_dir(src)
     elif src.is_file():
         if src.suffix in (".safetensors", ".bin", ".pt", ".pth") or src.name == "config.json":
-            from .weights.safetensors import CheckpointError
             raise CheckpointError(f"{src} is one file of an HF checkpoint: pass the directory "
                                   f"that holds config.json and the *.safetensors files")
-        from .weights.gguf import load_gguf
         config, state, packed, gfile = load_gguf(src, dt)
         tokenizer = Tokenizer.from_gguf(gfile.reader)
     else:
@@ -87,7 +84,6 @@ def load_model(name_or_path="smollm2", device="auto", dtype=None, backend="auto"
     model = Transformer(config, backend=backend)
     factors = config.extra.get("rope_freq_factors")
     if factors is not None:  # GGUF Llama-3: rope scaling stored as per-frequency divisors
-        from .ops.rope import rope_inv_freq
         model.inv_freq = rope_inv_freq(config.head_dim, config.rope_theta, freq_factors=factors)
     inv_freq = model.inv_freq
     model.to(dtype=dt)

@@ -34,6 +34,8 @@ import torch
 from torch import nn
 
 from ..kv_cache import KVCache
+from ..model import Transformer
+from ..quant import quantize_model
 from ..sampling import SamplingParams, logits_to_probs
 
 
@@ -154,7 +156,6 @@ class ModelDraft(Draft):
 def early_exit_view(model, n_layers: int):
     """A Transformer made of ``model``'s embedding, first ``n_layers`` layers, final norm and
     LM head: the same tensors (no copy), so it costs no memory, only its own KV cache."""
-    from ..model import Transformer
     L = model.config.num_layers
     if not isinstance(n_layers, int) or not 1 <= n_layers < L:
         raise ValueError(f"n_layers must be an int in [1, {L - 1}] for a {L}-layer target, "
@@ -180,6 +181,5 @@ def quantized_draft(model, method: str = "int4", group_size: int | None = None) 
     SmolLM2's size the fp32/bf16 embedding/LM head it keeps is a large share, and on the CPU
     the reference path dequantizes every weight on every call, so it costs more than the target.
     """
-    from ..quant import quantize_model
     q = quantize_model(copy.deepcopy(model), method, group_size=group_size)
     return ModelDraft(q, name=f"{method} copy")
