@@ -103,6 +103,16 @@ if triton is not None:
         tl.store(Y + m * stride_ym + n, acc.to(Y.dtype.element_ty), mask=ok)
 
 
+def splitk_reduce(ws, bias, y2, split: int):
+    """y2 [M, N] (+ bias, or None) = the sum of ws's ``split`` partials [split, M, N], in
+    order."""
+    M, N, BLOCK = y2.shape[0], y2.shape[1], 1024
+    b = bias.contiguous() if bias is not None else y2   # dummy pointer: HAS_BIAS=False
+    splitk_reduce_kernel[(triton.cdiv(M * N, BLOCK),)](
+        ws, b, y2, M, N, y2.stride(0), SPLIT_K=split, HAS_BIAS=bias is not None,
+        BLOCK=BLOCK, num_warps=4)
+
+
 # Under the interpreter: one small fixed config (fast tests) that still splits K 4 ways and
 # leaves ragged N and K edges, so both kernels and all masks are exercised.
 _INTERP = dict(BLOCK_N=16, BLOCK_K=32, num_warps=4)
@@ -198,10 +208,7 @@ def linear_triton(x, weight, bias=None, out=None, split_k: int | None = None):
         grid = (triton.cdiv(N, _INTERP["BLOCK_N"]), split)
         _linear_splitk_kernel[grid](*args, **meta, **_INTERP)
     if split > 1:
-        BLOCK = 1024
-        splitk_reduce_kernel[(triton.cdiv(M * N, BLOCK),)](
-            ws, b, y2, M, N, y2.stride(0), SPLIT_K=split, HAS_BIAS=bias is not None,
-            BLOCK=BLOCK, num_warps=4)
+        splitk_reduce(ws, bias, y2, split)
     return out
 
 

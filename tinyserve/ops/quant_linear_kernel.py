@@ -33,7 +33,7 @@ from .quant_linear_common import check_quant_linear_args, kernel_operands, quant
 try:
     import triton
     import triton.language as tl
-    from .linear import splitk_reduce_kernel
+    from .linear import splitk_reduce
 except ImportError:  # `import tinyserve.ops` must work without triton; only "ref" is available
     triton = None
 
@@ -282,10 +282,7 @@ def quant_linear_triton(x, qt, bias=None, out=None, split_k: int | None = None,
             grid = (triton.cdiv(N, _INTERP_SKINNY["BLOCK_N"]), split, grid_m)
             _quant_linear_kernel[grid](*args, **meta, **_INTERP_SKINNY)
         if split > 1:
-            BLOCK = 1024
-            splitk_reduce_kernel[(triton.cdiv(M * N, BLOCK),)](
-                ws, b, y2, M, N, y2.stride(0), SPLIT_K=split, HAS_BIAS=bias is not None,
-                BLOCK=BLOCK, num_warps=4)
+            splitk_reduce(ws, bias, y2, split)
     else:
         args = (x2, q, s, z, cb, b, y2, y2, M, N, K, x2.stride(0), stride_qn, stride_sn,
                 y2.stride(0), K, m_bucket)
