@@ -60,6 +60,7 @@ class StaticBatcher(LLMEngine):
     """Up to ``max_batch_size`` requests per batch, one contiguous KV slot of
     ``max_model_len`` tokens each (default: the model's context; size it to the requests:
     16 slots of SmolLM2's 8K context take 6 GB). One sample per request."""
+    scheduler_cls = StaticScheduler
 
     def __init__(self, model, tokenizer=None, max_batch_size: int = 16,
                  record_steps: bool = False, max_model_len: int | None = None):
