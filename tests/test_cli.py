@@ -26,7 +26,7 @@ def use_real(monkeypatch, real_llm):
     """Every model the CLI loads is the session's SmolLM2 (the name is still checked)."""
     calls = []
 
-    def fake_load(model, device="auto", dtype=None, config=None):
+    def fake_load(model, device="auto", dtype=None, config=None, threads=None):
         calls.append((model, device, dtype))
         return real_llm
     monkeypatch.setattr(loading, "load_llm", fake_load)
@@ -126,7 +126,8 @@ def test_engine_flags_reach_the_llm(monkeypatch, capsys, fake):
     """One EngineConfig from the shared flags; none given: LLM's own defaults."""
     from tinyserve import EngineConfig
     seen = []
-    monkeypatch.setattr(loading, "load_llm", lambda *a, config=None: seen.append(config) or fake)
+    monkeypatch.setattr(loading, "load_llm", lambda *a, config=None, threads=None:
+                        seen.append(config) or fake)
     monkeypatch.setattr(sys, "stdin", io.StringIO("/exit\n"))
     assert cli.main(["chat", "--max-num-seqs", "2", "--kv", "slots", "--max-model-len",
                      "64"]) == 0

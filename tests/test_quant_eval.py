@@ -207,7 +207,8 @@ def test_cli_writes_the_quality_table(smollm2_file, tmp_path, capsys):
     assert main(["--model", smollm2_file, "--methods", "none,int4-g32,int4-g64",
                  "--heldout-tokens", "128", "--window", "64", "--prompts", "2",
                  "--new-tokens", "4", "--calib-samples", "2", "--calib-len", "64",
-                 "--threads", "2", "--no-progress", "--out", str(out)]) == 0
+                 "--threads", str(torch.get_num_threads()), "--no-progress",
+                 "--out", str(out)]) == 0
     res = json.loads(out.read_text())
     rows = {r["method"]: r for r in res["rows"]}
     assert set(rows) == {"none", "int4-g32", "int4-g64"}

@@ -26,6 +26,7 @@ from .generate import check_prompt
 from .loader import load_model
 from .quant import get_method, quantize_model
 from .sampling import SamplingParams, per_row_params
+from .threads import check_threads, set_threads
 
 
 @dataclass
@@ -77,13 +78,20 @@ class LLM:
                  backend: str = "auto", max_batch_size=UNSET,
                  quantization: str | dict | None = None, max_num_batched_tokens=UNSET,
                  kv=UNSET, kv_cache_tokens=UNSET, kv_cache_bytes=UNSET, block_size=UNSET,
-                 enable_prefix_caching=UNSET, config: EngineConfig | None = None):
+                 enable_prefix_caching=UNSET, config: EngineConfig | None = None,
+                 threads: int | None = None):
         """``quantization``: None, a method name ("int8", "int4", "nf4", "gguf", ...; see
         ``tinyserve.quant.known_methods()``) or a dict ``{"method": ..., "group_size": ...,
         ...}`` of ``tinyserve.quant.quantize_model`` arguments, applied after loading. The
         engine options (``max_batch_size`` is ``EngineConfig.max_num_seqs``, a cap per call;
         ``kv*``, ``block_size``, ``enable_prefix_caching``: see the class) may instead be
-        given as one ``config``. Every option is checked before the (slow) load."""
+        given as one ``config``. ``threads``: torch's CPU thread count, set before loading
+        (it is process-wide); None = ``tinyserve.threads.default_threads()``, the cores this
+        process may run on (``OMP_NUM_THREADS`` if set), whatever the process set before.
+        ``from_model`` leaves torch's setting as it is. Every option is checked before the
+        (slow) load."""
+        if threads is not None:
+            check_threads(threads)
         config = _config(config, max_batch_size, max_num_batched_tokens, kv, kv_cache_tokens,
                          kv_cache_bytes, block_size, enable_prefix_caching)
         if quantization is not None:  # check the name before the (slow) load
@@ -92,6 +100,7 @@ class LLM:
                 raise ValueError(f"quantization must be a method name or a dict with a "
                                  f"'method' key, got {quantization!r}")
             get_method(spec["method"])
+        set_threads(threads)
         self.model, self.tokenizer = load_model(model, device=device, dtype=dtype,
                                                 backend=backend)
         if quantization is not None:

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from ..args import positive_int
+from ..threads import busy_warning, describe, load_average, set_threads, usable_cores
 from ..timing import clock
 
 DEFAULT_OUT = Path("benchmarks") / "results"
@@ -33,10 +34,7 @@ def slugify(text: str) -> str:
 
 def num_cpus() -> int:
     """CPUs this process may run on (what ``nproc`` prints)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
+    return usable_cores()
 
 
 def cpu_name() -> str:
@@ -73,7 +71,7 @@ def _version(dist: str) -> str | None:
 
 def load_avg() -> float | None:
     """The machine's 1-minute load average (None where the OS has none)."""
-    return os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    return load_average()
 
 
 def env_info(device, argv: Sequence[str] | None = None, prog: str = "python -m tinyserve.bench"
@@ -168,21 +166,12 @@ def table(rows: Sequence[Sequence], header: Sequence[str]) -> str:
     return "\n".join(lines)
 
 
-def set_threads(n: int | None) -> None:
-    """``--threads``: torch's CPU thread count (None keeps torch's choice). On a busy machine
-    fewer threads than cores avoids threads spinning against each other."""
-    if n is not None:
-        if n < 1:
-            raise ValueError(f"--threads must be >= 1, got {n}")
-        import torch
-        torch.set_num_threads(n)
-
-
 # ---- the runner: the flags, the start and the end every suite shares ------------------------
 COMMON_FLAGS = {   # a suite's COMMON names the ones it takes; add_arguments declares the rest
     "device": (("--device",), dict(default="auto", help="auto (cuda if available), cpu, cuda")),
     "threads": (("--threads",), dict(type=positive_int, default=None,
-                                     help="torch CPU threads (default: torch's own choice)")),
+                                     help="torch CPU threads (default: OMP_NUM_THREADS if set, "
+                                          "else the cores this process may run on)")),
     "seed": (("--seed",), dict(type=int, default=0)),
     "budget": (("--budget-s",), dict(type=float, default=None, help=(
         "start no new measurement after this many seconds (the result says what was "
@@ -216,10 +205,17 @@ def resolve_device(name: str = "auto"):
 
 def start(args) -> tuple:
     """A suite's first step: -> (the device, the environment record). Threads are set first
-    (the record holds them); the record is taken before the suite loads anything, so its load
-    average is the machine's, not ours."""
+    (``--threads``, else ``threads.default_threads()``: the record holds them) and logged with
+    the load average, with a warning when other work leaves fewer free cores than threads; the
+    record is taken before the suite loads anything, so its load average is the machine's,
+    not ours."""
     device = resolve_device(args.device)
-    set_threads(args.threads)
+    n = set_threads(getattr(args, "threads", None))
+    load = load_average()
+    log(describe(n, load))
+    warning = busy_warning(n, load)
+    if warning:
+        log(warning)
     return device, env_info(device, getattr(args, "argv", None))
 
 

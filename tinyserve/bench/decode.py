@@ -27,7 +27,8 @@ import statistics
 
 from ..args import positive_int
 from ..timing import clock
-from .common import Budget, comma_list, finish, free_memory, log, repeat, start, table, time_calls
+from .common import (Budget, comma_list, finish, free_memory, log, repeat, resolve_device, start,
+                     table, time_calls)
 from .hf import build_hf
 
 NAME = "decode"
@@ -248,8 +249,7 @@ def run_model(name, config, device, dtype, batches, P, N, roof, args, budget) ->
 def run(args) -> dict:
     import torch
     from . import roofline
-    device, env = start(args)
-    cuda = device.type == "cuda"
+    cuda = resolve_device(args.device).type == "cuda"   # arguments checked before start() logs
     named = named_configs()
     models = [m.strip().lower() for m in (args.models or (DEFAULT_GPU_MODELS if cuda else "tiny"))
               .split(",") if m.strip()]
@@ -261,6 +261,7 @@ def run(args) -> dict:
     N = args.new_tokens or (128 if cuda else 8)
     if P <= 0 or N < 2 or args.repeats < 1 or args.hf_repeats < 1:
         raise ValueError("need --prompt-len >= 1, --new-tokens >= 2, repeats >= 1")
+    device, env = start(args)
     dtype = torch.bfloat16 if cuda else torch.float32
     roof = roofline.measure(device)
     log(f"[decode] roofline: {roofline.describe(roof)}")

@@ -135,10 +135,10 @@ def run_case(case, device, roof: dict, args) -> dict:
 
 def run(args) -> dict:
     from . import roofline
-    device, env = start(args)
-    small = args.small or device.type != "cuda"
     found, errors = discover(comma_list(args.ops, "ops") if args.ops else None)   # a bad
-    roof = roofline.measure(device)           # --ops fails before anything is measured
+    device, env = start(args)                 # --ops fails before anything is logged
+    small = args.small or device.type != "cuda"
+    roof = roofline.measure(device)
     log(f"[ops] roofline: {roofline.describe(roof)}")
     budget = Budget(args.budget_s)
     cases, notes = [], []

@@ -33,11 +33,12 @@ def _dtype_arg(dtype: str):
     return None if dtype in (None, "auto") else dtype
 
 
-def load_llm(model: str, device: str = "auto", dtype: str | None = None, config=None):
-    """Build the ``LLM`` (``config``: its EngineConfig, None = LLM's defaults). Tests replace
-    this function to reuse one loaded model."""
+def load_llm(model: str, device: str = "auto", dtype: str | None = None, config=None,
+             threads: int | None = None):
+    """Build the ``LLM`` (``config``: its EngineConfig, None = LLM's defaults; ``threads``:
+    None = LLM's default). Tests replace this function to reuse one loaded model."""
     from ..llm import LLM  # lazy: imports torch, so --help and bad arguments stay instant
-    return LLM(model, device=device, dtype=_dtype_arg(dtype), config=config)
+    return LLM(model, device=device, dtype=_dtype_arg(dtype), config=config, threads=threads)
 
 
 def _engine_config(args):
@@ -53,11 +54,13 @@ def _engine_config(args):
 
 
 def llm_from_args(args):
-    """The ``LLM`` of ``--model``, ``--device``, ``--dtype`` and the engine flags."""
+    """The ``LLM`` of ``--model``, ``--device``, ``--dtype``, ``--threads`` and the engine
+    flags."""
     check_model_name(args.model)
     config = _engine_config(args)
     try:
-        return load_llm(args.model, args.device, args.dtype, config=config)
+        return load_llm(args.model, args.device, args.dtype, config=config,
+                        threads=getattr(args, "threads", None))
     except (ValueError, FileNotFoundError) as e:  # bad device, bad file, unsupported model
         raise UsageError(str(e)) from None
     except (registry.ModelFetchError, ImportError) as e:  # no network, `gguf` missing, ...

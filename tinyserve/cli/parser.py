@@ -9,6 +9,7 @@ import argparse
 
 from .. import __version__
 from ..args import add_engine_args, positive_int
+from ..threads import default_threads
 from .chat import cmd_chat
 from .exits import UsageError
 from .generate import cmd_generate
@@ -72,6 +73,10 @@ def _add_model_args(p, positional: bool = False):
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1")
     p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES,
                    help="weights and activations (default: bf16 on CUDA, fp32 on CPU)")
+    # None: LLM's default_threads(), resolved there (the help shows what it is here and now)
+    p.add_argument("--threads", type=positive_int, default=None, metavar="N",
+                   help=f"torch CPU threads (default: OMP_NUM_THREADS if set, else the cores "
+                        f"this process may run on: {default_threads()} here)")
 
 
 def _add_sampling_args(p, max_tokens: int):

@@ -40,8 +40,9 @@ from pathlib import Path
 import torch
 
 from ..args import positive_int
-from ..bench.common import DEFAULT_OUT, env_info, jsonable, log, result_path, set_threads, table
+from ..bench.common import DEFAULT_OUT, env_info, jsonable, log, result_path, table
 from ..loader import load_model
+from ..threads import set_threads
 from . import calib
 from .gptq import gptq_quantize
 from .linear import make_quant_linear
