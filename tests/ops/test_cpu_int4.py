@@ -176,35 +176,34 @@ def test_unavailable_raises_clear_error(monkeypatch):
         ci.pack_int4_groupwise(quantize_int4(weight(32, 64), group_size=32))
 
 
-def test_probe_false_when_op_missing(monkeypatch):
-    """A torch without the ops (or with a changed signature) reads as unavailable, no raise."""
-    def gone():
-        raise AttributeError("_weight_int4pack_mm_for_cpu")
+def _probe_with(monkeypatch, ops) -> bool:
+    """int4pack_available() with ``_ops`` replaced; the real probe is restored after."""
     ci.int4pack_available.cache_clear()
-    monkeypatch.setattr(ci, "_ops", gone)
+    monkeypatch.setattr(ci, "_ops", ops)
     try:
-        assert ci.int4pack_available() is False
+        return ci.int4pack_available()
     finally:
         ci.int4pack_available.cache_clear()
         monkeypatch.undo()
         assert ci.int4pack_available() is True
+
+
+def test_probe_false_when_op_missing(monkeypatch):
+    """A torch without the ops (or with a changed signature) reads as unavailable, no raise."""
+    def gone():
+        raise AttributeError("_weight_int4pack_mm_for_cpu")
+    assert _probe_with(monkeypatch, gone) is False
 
 
 def test_probe_false_when_convention_changes(monkeypatch):
     """An op that computed q * scale + zero (no -8 offset) would be caught by the probe."""
     convert, mm = ci._ops()
+
     def shifted_mm(x, packed, g, sz):                   # = (q - 8) s + z + 8 s = q s + z
         sz2 = sz.clone()
         sz2[..., 1] += 8 * sz[..., 0]
         return mm(x, packed, g, sz2)
-    ci.int4pack_available.cache_clear()
-    monkeypatch.setattr(ci, "_ops", lambda: (convert, shifted_mm))
-    try:
-        assert ci.int4pack_available() is False
-    finally:
-        ci.int4pack_available.cache_clear()
-        monkeypatch.undo()
-        assert ci.int4pack_available() is True
+    assert _probe_with(monkeypatch, lambda: (convert, shifted_mm)) is False
 
 
 def test_real_smollm2_blocks(smollm2_file):

@@ -18,6 +18,7 @@ from ..args import ENGINE_FLAGS
 from .kv_cache_manager import blocks_for_budget
 
 KV_KINDS = ("paged", "slots")
+DEFAULT_BLOCK_SIZE = 16
 
 
 class _Unset:
@@ -25,13 +26,12 @@ class _Unset:
         return "<default>"
 
 
-UNSET = _Unset()   # an option not given, so that each default is written once (here)
+UNSET = _Unset()   # an option not given: each default is written once, in EngineConfig
 
 
 def given(**options) -> dict:
     """The options that were given (not ``UNSET``)."""
     return {k: v for k, v in options.items() if v is not UNSET}
-DEFAULT_BLOCK_SIZE = 16
 
 
 def positive_int(name: str, v) -> int:

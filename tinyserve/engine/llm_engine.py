@@ -43,7 +43,6 @@ from .scheduler import Scheduler, SchedulerOutput, SequenceUpdate
 from .sequence import Sequence, SequenceMetrics, nth_sample
 
 
-
 @dataclass
 class StepOutput:
     """What one step did for one sequence (sample ``index`` of request ``request_id``)."""
