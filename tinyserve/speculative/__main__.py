@@ -10,6 +10,7 @@ import dataclasses
 import sys
 
 from ..args import nonnegative_int, positive_int
+from ..threads import set_threads
 
 
 HELP = {
@@ -38,7 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--model", default="smollm2", help="named model or .gguf file")
     t.add_argument("--out", default=str(DEFAULT_HEAD), help="where to write the head")
     t.add_argument("--cache-dir", default=str(CACHE_DIR), help="where the features are cached")
-    t.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads")
+    t.add_argument("--threads", type=positive_int, default=None,
+                   help="torch CPU threads (default: OMP_NUM_THREADS, else the usable cores)")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
     for f in dataclasses.fields(TrainConfig):
         kind = float if f.type in ("float", float) else (
@@ -55,8 +57,7 @@ def main(argv=None) -> int:
     from ..loader import load_model
     from .features import TrainConfig
     from .train import train_head
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)     # None: the cores this process may use (tinyserve.threads)
     cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
     model, tok = load_model(args.model, device="cpu", dtype=torch.float32)
     try:
