@@ -28,19 +28,21 @@ class WeightsError(ValueError):
 class Linear(nn.Module):
     """Weight [out, in] (+ bias) applied through ops.linear; quantized variants replace it."""
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = False):
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, device=None):
         super().__init__()
-        self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
-        self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, device=device),
+                                   requires_grad=False)
+        self.bias = (nn.Parameter(torch.empty(out_features, device=device), requires_grad=False)
+                     if bias else None)
 
     def forward(self, x, backend="auto"):
         return ops.linear(x, self.weight, self.bias, backend=backend)
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
+    def __init__(self, dim: int, eps: float, device=None):
         super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim), requires_grad=False)
+        self.weight = nn.Parameter(torch.ones(dim, device=device), requires_grad=False)
         self.eps = eps
 
     def forward(self, x, backend="auto", residual=None):
@@ -49,59 +51,78 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, c: ModelConfig):
+    def __init__(self, c: ModelConfig, device=None):
         super().__init__()
         self.c = c
-        self.wq = Linear(c.hidden_size, c.num_heads * c.head_dim, c.attention_bias)
-        self.wk = Linear(c.hidden_size, c.num_kv_heads * c.head_dim, c.attention_bias)
-        self.wv = Linear(c.hidden_size, c.num_kv_heads * c.head_dim, c.attention_bias)
-        self.wo = Linear(c.num_heads * c.head_dim, c.hidden_size)
+        self.wq = Linear(c.hidden_size, c.num_heads * c.head_dim, c.attention_bias, device)
+        self.wk = Linear(c.hidden_size, c.num_kv_heads * c.head_dim, c.attention_bias, device)
+        self.wv = Linear(c.hidden_size, c.num_kv_heads * c.head_dim, c.attention_bias, device)
+        self.wo = Linear(c.num_heads * c.head_dim, c.hidden_size, device=device)
+        # The native CPU path (quant/cpu_native.py) fuses wq, wk, wv into one [Nq+2Nkv, D]
+        # weight: one kernel call reading x once instead of three (and None in wq/wk/wv).
+        self.wqkv = None
+        self.qkv_sizes = (c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim,
+                          c.num_kv_heads * c.head_dim)
 
     def forward(self, x, cos, sin, kv_cache, attn_metadata: AttentionMetadata, backend):
         """x [B, T, hidden] -> [B, T, hidden]. Where k/v are stored and which keys each query
         reads is the attention backend's business (``attn_metadata.backend``), not the model's."""
         B, T, _ = x.shape
         c = self.c
-        q = self.wq(x, backend).view(B, T, c.num_heads, c.head_dim).transpose(1, 2)
-        k = self.wk(x, backend).view(B, T, c.num_kv_heads, c.head_dim).transpose(1, 2)
-        v = self.wv(x, backend).view(B, T, c.num_kv_heads, c.head_dim).transpose(1, 2)
+        if self.wqkv is not None:
+            q, k, v = self.wqkv(x, backend).split(self.qkv_sizes, dim=-1)
+        else:
+            q, k, v = self.wq(x, backend), self.wk(x, backend), self.wv(x, backend)
+        q = q.view(B, T, c.num_heads, c.head_dim).transpose(1, 2)
+        k = k.view(B, T, c.num_kv_heads, c.head_dim).transpose(1, 2)
+        v = v.view(B, T, c.num_kv_heads, c.head_dim).transpose(1, 2)
         q, k = ops.apply_rope(q, k, cos, sin, backend=backend)
         o = attn_metadata.backend.forward(q, k, v, kv_cache, attn_metadata)   # [B, Hq, T, D]
         return self.wo(o.transpose(1, 2).reshape(B, T, -1), backend)
 
 
 class MLP(nn.Module):
-    def __init__(self, c: ModelConfig):
+    def __init__(self, c: ModelConfig, device=None):
         super().__init__()
-        self.w_gate = Linear(c.hidden_size, c.intermediate_size)
-        self.w_up = Linear(c.hidden_size, c.intermediate_size)
-        self.w_down = Linear(c.intermediate_size, c.hidden_size)
+        self.w_gate = Linear(c.hidden_size, c.intermediate_size, device=device)
+        self.w_up = Linear(c.hidden_size, c.intermediate_size, device=device)
+        self.w_down = Linear(c.intermediate_size, c.hidden_size, device=device)
+        self.w_gate_up = None   # fused [2F, D] on the native CPU path, like Attention.wqkv
 
     def forward(self, x, backend):
-        return self.w_down(ops.swiglu(self.w_gate(x, backend), self.w_up(x, backend),
-                                      backend=backend), backend)
+        if self.w_gate_up is not None:
+            gate, up = self.w_gate_up(x, backend).chunk(2, dim=-1)
+        else:
+            gate, up = self.w_gate(x, backend), self.w_up(x, backend)
+        return self.w_down(ops.swiglu(gate, up, backend=backend), backend)
 
 
 class Block(nn.Module):
-    def __init__(self, c: ModelConfig):
+    def __init__(self, c: ModelConfig, device=None):
         super().__init__()
-        self.attn_norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
-        self.attn = Attention(c)
-        self.mlp_norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
-        self.mlp = MLP(c)
+        self.attn_norm = RMSNorm(c.hidden_size, c.rms_norm_eps, device)
+        self.attn = Attention(c, device)
+        self.mlp_norm = RMSNorm(c.hidden_size, c.rms_norm_eps, device)
+        self.mlp = MLP(c, device)
 
 
 class Transformer(nn.Module):
-    def __init__(self, config: ModelConfig, backend: str = "auto"):
+    def __init__(self, config: ModelConfig, backend: str = "auto", device=None):
+        """``device="meta"`` builds the skeleton without allocating any weight (the native
+        CPU path then puts its own modules in; quant/cpu_native.py)."""
         super().__init__()
         ops.check_backend(backend)
         self.config, self.backend = config, backend
         c = config
-        self.embed = nn.Embedding(c.vocab_size, c.hidden_size)
+        # On meta, skip nn.Embedding's random init: normal_ on a meta tensor imports torch's
+        # decomposition machinery (~2 s), for values that would never exist anyway.
+        skip = torch.empty(c.vocab_size, c.hidden_size, device="meta") if device == "meta" else None
+        self.embed = nn.Embedding(c.vocab_size, c.hidden_size, device=device, _weight=skip)
         self.embed.weight.requires_grad_(False)
-        self.layers = nn.ModuleList(Block(c) for _ in range(c.num_layers))
-        self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
-        self.lm_head = None if c.tie_word_embeddings else Linear(c.hidden_size, c.vocab_size)
+        self.layers = nn.ModuleList(Block(c, device) for _ in range(c.num_layers))
+        self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps, device)
+        self.lm_head = (None if c.tie_word_embeddings
+                        else Linear(c.hidden_size, c.vocab_size, device=device))
         self.register_buffer("inv_freq", ops.rope.rope_inv_freq(c.head_dim, c.rope_theta,
                                                                 c.rope_scaling), persistent=False)
         # Quantized tensors as stored in the source file (e.g. GGUF Q4_1 blocks), keyed by
@@ -139,13 +160,15 @@ class Transformer(nn.Module):
     def lm_head_weight(self) -> torch.Tensor:
         return self.embed.weight if self.lm_head is None else self.lm_head.weight
 
+    # The final norm's weight is a plain tensor in the activation dtype on every path (the
+    # embedding and linears may be quantized).
     @property
     def device(self):
-        return self.embed.weight.device
+        return self.norm.weight.device
 
     @property
     def dtype(self):
-        return self.embed.weight.dtype
+        return self.norm.weight.dtype
 
     # ---- forward -------------------------------------------------------------------------
     def _layers(self, x, cos, sin, kv_caches, meta):

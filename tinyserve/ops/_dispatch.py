@@ -3,13 +3,16 @@
     "ref"     eager PyTorch: the definition of correct, runs anywhere
     "triton"  the Triton kernel: needs CUDA tensors, or TRITON_INTERPRET=1 (CPU interpreter,
               slow, used by the tests)
+    "native"  PyTorch's own fused CPU kernels where an op has one (attention: SDPA), the
+              reference elsewhere; CPU tensors only. What the native CPU model runs
+              (quant/cpu_native.py): fewer, larger ops per step than the reference.
     "auto"    Triton on CUDA tensors, the reference elsewhere
 """
 import os
 
 import torch
 
-BACKENDS = ("ref", "triton", "auto")
+BACKENDS = ("ref", "triton", "native", "auto")
 
 
 def check_backend(backend: str) -> str:
@@ -32,4 +35,8 @@ def resolve(backend: str, x: torch.Tensor) -> str:
             raise RuntimeError("backend='triton' needs CUDA tensors, or TRITON_INTERPRET=1 set "
                                "before triton is imported (the CPU interpreter)")
         return "triton"
+    if backend == "native":
+        if x.is_cuda:
+            raise RuntimeError("backend='native' runs PyTorch's CPU kernels: it needs CPU tensors")
+        return "native"
     return "triton" if x.is_cuda else "ref"

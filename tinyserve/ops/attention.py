@@ -15,15 +15,19 @@ The Triton path has two kernels, because the two phases have opposite bottleneck
 from . import decode_attention as _decode, prefill_attention as _prefill
 from ._dispatch import resolve
 from .attention_common import attention_ref, kernel_supports
+from .cpu_attention import attention_native
 
 
 def attention(q, k, v, q_pos, kv_len, backend="auto"):
-    """Causal GQA attention; backend: ref | triton | auto (triton on CUDA, T==1 -> decode)."""
+    """Causal GQA attention; backend: ref | triton | native (CPU SDPA) | auto (triton on CUDA,
+    T==1 -> decode)."""
     impl = resolve(backend, q)
     if impl == "triton" and backend == "auto" and not kernel_supports(q, k):
         impl = "ref"   # e.g. the head_dim-8 toy models of the tests, run on a GPU
     if impl == "ref":
         return attention_ref(q, k, v, q_pos, kv_len)
+    if impl == "native":
+        return attention_native(q, k, v, q_pos, kv_len)
     # Looked up on the modules at call time (not bound here), so a test can wrap a launcher.
     if q.shape[2] == 1:
         return _decode.decode_attention_triton(q, k, v, q_pos, kv_len)

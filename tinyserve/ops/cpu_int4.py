@@ -206,7 +206,7 @@ def pack_q4_1(blocks, shape=None, compute_dtype: torch.dtype = torch.float32) ->
     raw = raw.reshape(N, K // Q4_1_BLOCK, Q4_1_BYTES)
     d = raw[..., 0:2].contiguous().view(torch.float16)[..., 0]        # [N, K/32]
     m = raw[..., 2:4].contiguous().view(torch.float16)[..., 0]
-    qs = raw[..., 4:]                                                 # [N, K/32, 16]
+    qs = raw[..., 4:].contiguous()   # [N, K/32, 16]; bit ops on the strided view are ~50x slower
     codes = torch.cat([qs & 0x0F, qs >> 4], dim=-1).reshape(N, K)     # low nibbles = 0..15
     return pack_int4_codes(codes, d.float(), _zero_from_min(d, m), Q4_1_BLOCK, compute_dtype)
 

@@ -27,6 +27,7 @@ import torch
 
 from ._dispatch import interpreter_on, resolve
 from .attention_common import attention_ref, kernel_supports
+from .cpu_attention import paged_attention_native, paged_write_native
 from .decode_attention import decode_attention_triton     # the benchmarks' contiguous peers
 from .launch import (DECODE_BLOCK_N, dot_precision, group_rows, num_kv_splits, prefill_config,
                      qk_scale, sm_count, split_plan)
@@ -47,9 +48,12 @@ except ImportError:  # `import tinyserve.ops` must work without triton; only "re
 
 # ---- 1. write (implemented in paged_layout.py: it fills the layout) ----------------------
 def paged_write(k_cache, v_cache, k_new, v_new, slot_mapping, backend="auto"):
-    """Store new K/V [N, Hkv, D] at their slots. backend: ref | triton | auto."""
-    if resolve(backend, k_new) == "triton":
+    """Store new K/V [N, Hkv, D] at their slots. backend: ref | triton | native | auto."""
+    impl = resolve(backend, k_new)
+    if impl == "triton":
         return paged_write_triton(k_cache, v_cache, k_new, v_new, slot_mapping)
+    if impl == "native":
+        return paged_write_native(k_cache, v_cache, k_new, v_new, slot_mapping)
     return paged_write_ref(k_cache, v_cache, k_new, v_new, slot_mapping)
 
 
@@ -244,12 +248,15 @@ def paged_attention(q, k_cache, v_cache, block_tables, kv_lens, cu_q=None, backe
                     max_q_len=None):
     """Attention over a paged cache. cu_q None: decode, q [B, Hq, D] (one query per row);
     else packed queries q [N, Hq, D] (prefill chunks, decodes as q_len 1, or both).
-    backend: ref | triton | auto (triton on CUDA when the kernels support head_dim/dtype).
+    backend: ref | triton | native (CPU SDPA) | auto (triton on CUDA when the kernels
+    support head_dim/dtype).
     ``max_q_len`` (packed only): the longest q_len, known on the host; without it the Triton
     launcher reads it from ``cu_q`` on the device, a sync per call."""
     impl = resolve(backend, q)
     if impl == "triton" and backend == "auto" and not kernel_supports(q, k_cache):
         impl = "ref"   # e.g. the head_dim-8 toy models of the tests, run on a GPU
+    if impl == "native":
+        return paged_attention_native(q, k_cache, v_cache, block_tables, kv_lens, cu_q)
     if cu_q is None:
         fn = paged_decode_attention_triton if impl == "triton" else paged_decode_attention_ref
         return fn(q, k_cache, v_cache, block_tables, kv_lens)

@@ -6,6 +6,7 @@ again and writes D (5D elements moved). Fused, one program reads x and residual 
 h and y (4D), and the row never leaves registers in between.
 """
 import torch
+import torch.nn.functional as F
 
 from ._dispatch import check_backend, interpreter_on, resolve
 from .spec import BenchCase
@@ -114,12 +115,25 @@ def rms_norm_triton(x, weight, eps, residual=None, out=None, residual_out=None):
     return (out, residual_out) if has_res else out
 
 
+def rms_norm_native(x, weight, eps, residual=None):
+    """As ``rms_norm_ref`` in two ops: the residual add, then torch's ``F.rms_norm`` (stats
+    in fp32 for bf16 input; it multiplies by the weight before casting back, so bf16 results
+    may differ from the reference's by one rounding)."""
+    h = None if residual is None else x + residual
+    y = F.rms_norm(x if h is None else h, (x.shape[-1],), weight, eps)
+    return y if h is None else (y, h)
+
+
 def rms_norm(x, weight, eps, residual=None, backend="auto"):
-    """RMSNorm of x (or of h = x + residual, returning (y, h)). backend: ref | triton | auto."""
+    """RMSNorm of x (or of h = x + residual, returning (y, h)).
+    backend: ref | triton | native | auto."""
     check_backend(backend)
     _check(x, weight, residual)
-    if resolve(backend, x) == "triton":
+    impl = resolve(backend, x)
+    if impl == "triton":
         return rms_norm_triton(x, weight, eps, residual=residual)
+    if impl == "native":
+        return rms_norm_native(x, weight, eps, residual=residual)
     return rms_norm_ref(x, weight, eps, residual=residual)
 
 

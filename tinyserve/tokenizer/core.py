@@ -61,7 +61,8 @@ class Tokenizer:
 
     @classmethod
     def from_gguf(cls, path_or_reader: str | os.PathLike | Any) -> "Tokenizer":
-        """Rebuild the tokenizer described by a GGUF file's metadata (path or `gguf.GGUFReader`)."""
+        """Rebuild the tokenizer described by a GGUF file's metadata (a path, the metadata dict
+        of `tinyserve.weights.gguf.read_gguf`, or a `gguf.GGUFReader`)."""
         backend, settings = load_gguf_tokenizer(path_or_reader)
         return cls(backend, **settings)
 

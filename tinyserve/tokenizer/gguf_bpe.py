@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections.abc import Mapping
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -93,6 +94,8 @@ def _byte_level_pre_tokenizer(pre: str | None) -> pre_tokenizers.PreTokenizer:
 
 
 def _gguf_value(reader: Any, key: str, default: Any = None) -> Any:
+    if isinstance(reader, Mapping):   # ``weights.gguf.read_gguf``'s metadata dict
+        return reader.get(key, default)
     field = reader.fields.get(key)
     if field is None:
         return default
@@ -111,14 +114,14 @@ def _gguf_value(reader: Any, key: str, default: Any = None) -> Any:
 
 def load_gguf_tokenizer(path_or_reader: str | os.PathLike | Any) -> tuple[_RustTokenizer, dict]:
     """The backend tokenizer and the `Tokenizer(...)` keyword arguments (special ids, bos/eos
-    flags, chat template) described by a GGUF file's metadata (path or `gguf.GGUFReader`)."""
-    import gguf  # lazy: `import tinyserve` must not need it
-
+    flags, chat template) described by a GGUF file's metadata (a path, the metadata dict of
+    `tinyserve.weights.gguf.read_gguf`, or a `gguf.GGUFReader`)."""
     if isinstance(path_or_reader, (str, os.PathLike)):
         path = Path(path_or_reader)
         if not path.is_file():
             raise TokenizerError(f"GGUF file not found: {path}")
-        reader = gguf.GGUFReader(path)
+        from ..weights.gguf import read_gguf   # lazy: the tokenizer package stands alone
+        reader = read_gguf(path).metadata
     else:
         reader = path_or_reader
 

@@ -1,11 +1,12 @@
 """Reading GGUF files (llama.cpp's format) into tinyserve's canonical state dict.
 
-The ``gguf`` package parses the file; ``read_gguf`` first has ``gguf_header`` check every length
-and offset in it (a file may be truncated or lie), then ``load_gguf`` maps llama.cpp's tensor
-names and Q/K row order onto the canonical state dict of ``tinyserve.model`` and decodes the
-tensors with ``gguf_blocks``. ``gguf`` is imported only when a file is opened, so
-``import tinyserve`` works without it. The block formats, ``PackedTensor``, ``dequantize`` and
-``GGUFError`` are re-exported here, where callers have always imported them from.
+``read_gguf`` has ``gguf_header`` read the header, checking every length and offset (a file
+may be truncated or lie), then ``load_gguf`` maps llama.cpp's tensor names and Q/K row order
+onto the canonical state dict of ``tinyserve.model`` and decodes the tensors with
+``gguf_blocks``. The ``gguf`` package (its table of ggml types) is imported only when a file
+is opened, so ``import tinyserve`` works without it. The block formats, ``PackedTensor``,
+``dequantize`` and ``GGUFError`` are re-exported here, where callers have always imported
+them from.
 """
 from __future__ import annotations
 
@@ -32,11 +33,11 @@ class GGUFFile:
     path: Path
     metadata: dict
     tensors: dict[str, PackedTensor]
-    reader: object  # gguf.GGUFReader, for the tokenizer
 
 
 def read_gguf(path: str | os.PathLike) -> GGUFFile:
-    """Open and validate a GGUF file: header, metadata, and every tensor's extent."""
+    """Open and validate a GGUF file: header, metadata, and every tensor's extent. Tensor data
+    are zero-copy views of the memory-mapped file (pages are read when first touched)."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"GGUF file not found: {path}")
@@ -48,33 +49,24 @@ def read_gguf(path: str | os.PathLike) -> GGUFFile:
         if head != b"GGUF":
             raise GGUFError(f"{path} is not a GGUF file (magic {head!r}, expected b'GGUF')")
         with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-            _, infos, data_start, alignment = scan_gguf(path, buf)
+            metadata, infos, data_start, alignment = scan_gguf(path, buf)
     try:
-        import gguf
+        extents = check_tensor_extents(path, infos, data_start, alignment, size)
     except ImportError:
         raise ImportError("reading GGUF files needs the `gguf` package: pip install gguf") from None
-    check_tensor_extents(path, infos, data_start, alignment, size)
-    try:
-        reader = gguf.GGUFReader(path, "r")
-    except Exception as e:  # the checks above should leave nothing for it to trip on
-        raise GGUFError(f"{path}: damaged GGUF file ({type(e).__name__}: {e})") from None
-    metadata = {}
-    for key, field in reader.fields.items():
-        try:
-            metadata[key] = field.contents()
-        except Exception as e:
-            raise GGUFError(f"{path}: unreadable metadata field {key!r} "
-                            f"({type(e).__name__}: {e})") from None
+    file = np.memmap(path, dtype=np.uint8, mode="r") if extents else None
     tensors = {}
-    for t in reader.tensors:
-        qtype = t.tensor_type.name
-        shape = tuple(int(x) for x in reversed(t.shape.tolist()))  # ggml lists ne0 (inner) first
-        end = int(t.data_offset) + int(t.n_bytes)
-        if int(t.data_offset) < 0 or end > size or t.data.nbytes != t.n_bytes:
-            raise GGUFError(f"{path}: tensor {t.name!r} claims bytes {t.data_offset}..{end} but "
-                            f"the file has {size} bytes (truncated or lying offsets)")
-        tensors[t.name] = PackedTensor(t.name, qtype, shape, t.data)
-    return GGUFFile(path, metadata, tensors, reader)
+    for name, e in extents.items():
+        raw = file[e.start:e.start + e.nbytes]
+        if e.qtype in _NUMPY_PLAIN:   # float values in their own dtype, the tensor's shape
+            data = raw.view(_NUMPY_PLAIN[e.qtype]).reshape(e.shape)
+        else:                         # blocks (and bf16 words): uint8 [rows, bytes per row]
+            data = raw.reshape(-1, e.row_bytes)
+        tensors[name] = PackedTensor(name, e.qtype, e.shape, data)
+    return GGUFFile(path, metadata, tensors)
+
+
+_NUMPY_PLAIN = {"F32": np.float32, "F16": np.float16, "F64": np.float64}
 
 
 # llama.cpp name -> canonical name ("{i}" is the layer index).
@@ -134,8 +126,12 @@ def gguf_name(canonical: str) -> str:
     return canonical
 
 
-def load_gguf(path, dtype: torch.dtype = torch.float32):
+def load_gguf(path, dtype: torch.dtype = torch.float32, dequantize: bool = True):
     """-> (ModelConfig, state dict of dequantized ``dtype`` tensors, packed tensors, GGUFFile).
+
+    ``dequantize=False`` leaves the block-format tensors (Q4_1, Q8_0, Q4_0) out of the state
+    dict: they are only in ``packed``, as the file's bytes (the native CPU path runs on those
+    and never builds the fp32 copy, 4 bytes a weight).
 
     Names and shapes are checked against the config from the metadata before anything is
     decoded, so a file that does not describe a consistent model fails fast and says why."""
@@ -181,16 +177,20 @@ def load_gguf(path, dtype: torch.dtype = torch.float32):
     heads = {"wq": config.num_heads, "wk": config.num_kv_heads}
     state, packed = {}, {}
     for name, pt in named.items():
-        w = _decode(g, pt, torch.float32)
         proj = name.split(".")[-2]
-        if permuted and proj in heads:  # (convert_hf_to_gguf permutes q/k biases alike)
-            w = unpermute_rows(w, heads[proj])
-            if pt.qtype in BLOCK_FORMATS and w.dim() == 2:
+        unpermute = permuted and proj in heads  # (convert_hf_to_gguf permutes q/k biases alike)
+        if pt.qtype in BLOCK_FORMATS:
+            if unpermute and len(pt.shape) == 2:   # whole rows of blocks move as they are
                 pt = PackedTensor(pt.name, pt.qtype, pt.shape,
                                   unpermute_rows(pt.data, heads[proj]))
-        state[name] = w.to(dtype)
-        if pt.qtype in BLOCK_FORMATS:
+                unpermute = False
             packed[name] = pt
+            if not dequantize:
+                continue
+        w = _decode(g, pt, torch.float32)
+        if unpermute:
+            w = unpermute_rows(w, heads[proj])
+        state[name] = w.to(dtype)
     return config, state, packed, g
 
 

@@ -1,0 +1,218 @@
+"""The native CPU path: a GGUF model run from its quantized blocks, never dequantized to fp32.
+
+Decode reads every weight once per token, so on a CPU as on a GPU its speed is bytes over
+memory bandwidth (notebook 01). The reference path (``dtype="float32"``) dequantizes the file
+to fp32 at load: 4 bytes per weight, ~540 MB read per SmolLM2 token. Here each tensor keeps
+(close to) its file size and runs through PyTorch's own CPU kernels:
+
+  Q4_1 [N, K]   -> ``ops.cpu_int4``: exact mapping (scale d, zero m + 8d), 4.5 bits/weight read
+                   (0.5 B of codes + a bf16 (scale, zero) pair per 32)
+  Q8_0, Q4_0,
+  other formats -> ``ops.cpu_int8``: requantized to int8 with one scale per row (NOT exact:
+                   the file has one scale per 32; ``tinyserve.quant.cpu_native_quality``
+                   measures what it costs), 1 byte/weight; the tied embedding and LM head
+                   share one such table (token lookup = q[ids] * scale[ids])
+  norms         -> bf16 tensors
+
+Activations are bf16: on CPUs the kernels' fp32-activation mode is a scalar loop, slower than
+fp32 F.linear, while bf16 mode is vectorized (AVX-512/AMX where present, AVX2 otherwise). So
+this path is not bit-exact with the fp32 reference: tests/test_cpu_native.py bounds the logit
+difference and checks greedy tokens over a prompt set. The residual stream, attention and KV
+cache are bf16 too (RMSNorm and RoPE compute in fp32 inside, as on the GPU's bf16 path).
+
+Fused: wq|wk|wv -> one [Nq + 2 Nkv, D] weight and w_gate|w_up -> one [2F, D], so each layer
+makes 4 kernel calls instead of 7 (x read once per group) when the parts share a format.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..ops.cpu_int4 import Int4PackedWeight, Int4PackUnavailable, N_MULTIPLE, pack_q4_1
+from ..ops.cpu_int8 import Int8PackedWeight, Int8PackUnavailable, pack_q8_0
+from ..weights.gguf_blocks import PackedTensor
+
+COMPUTE_DTYPE = torch.bfloat16
+DENSE_ROWS = 96   # rows of x from which a linear dequantizes and runs dense (NativeLinear)
+Unavailable = (Int4PackUnavailable, Int8PackUnavailable)
+
+
+class DenseWeight:
+    """A plain weight [N, K] in bf16 (a tensor the file stores unquantized), same interface."""
+
+    def __init__(self, w: torch.Tensor):
+        self.w = w.to(COMPUTE_DTYPE).contiguous()
+
+    nbytes = property(lambda self: self.w.nbytes)
+    out_features = property(lambda self: self.w.shape[0])
+
+    def linear(self, x):
+        return F.linear(x.to(self.w.dtype), self.w).to(x.dtype)
+
+    def embedding(self, ids):
+        return F.embedding(ids, self.w)
+
+    def dequantize(self):
+        return self.w.float()
+
+
+def native_weight(pt: PackedTensor | torch.Tensor):
+    """One file tensor -> the fastest native weight that holds it (see the module docstring)."""
+    if isinstance(pt, torch.Tensor):
+        return DenseWeight(pt)
+    if pt.qtype == "Q4_1" and pt.shape[0] % N_MULTIPLE == 0:
+        return pack_q4_1(pt, compute_dtype=COMPUTE_DTYPE)
+    return pack_q8_0(pt, compute_dtype=COMPUTE_DTYPE)
+
+
+def fuse(ws: list):
+    """Weights of one kind stacked along N (output features) -> one weight, or None when the
+    parts differ in kind or group size (then they stay separate calls)."""
+    kind = type(ws[0])
+    if any(type(w) is not kind for w in ws):
+        return None
+    if kind is Int4PackedWeight:
+        if len({w.group_size for w in ws}) != 1:
+            return None
+        # the op packs each row independently, so packed rows concatenate
+        return Int4PackedWeight(torch.cat([w.packed for w in ws]),
+                                torch.cat([w.scales_and_zeros for w in ws], dim=1),
+                                ws[0].group_size, sum(w.out_features for w in ws),
+                                ws[0].in_features)
+    if kind is Int8PackedWeight:
+        return Int8PackedWeight(torch.cat([w.q for w in ws]), torch.cat([w.scale for w in ws]))
+    return DenseWeight(torch.cat([w.w for w in ws]))
+
+
+class NativeLinear(nn.Module):
+    """y = x @ W^T (+ bias) through a native weight; ``out_dtype`` casts the result (the LM
+    head returns fp32 logits for sampling).
+
+    ``sources``: the file tensors W was built from (stacked along N when fused). The int4/int8
+    kernels are GEMV kernels: their time grows ~linearly with the rows of x, while a dense bf16
+    GEMM (AMX / AVX-512 where present) barely notices them. So from ``DENSE_ROWS`` rows on
+    (prefill), W is dequantized from the file's blocks for this call (~3 ms for a 1536 x 576
+    Q4_1 weight, freed after) and multiplied densely: at 512 rows ~4x faster than the int4
+    kernel on the development machine. Decode (a few rows) never takes this path."""
+
+    def __init__(self, w, bias: torch.Tensor | None = None, out_dtype: torch.dtype | None = None,
+                 sources: list | None = None):
+        super().__init__()
+        self.w, self.out_dtype, self.sources = w, out_dtype, sources
+        self.bias = None if bias is None else bias.to(COMPUTE_DTYPE)
+
+    def dense(self) -> torch.Tensor:
+        """W [N, K] in bf16, decoded from ``sources`` (fp32 decode, one rounding to bf16)."""
+        return torch.cat([pt.dequantize(torch.float32) for pt in self.sources]).to(COMPUTE_DTYPE)
+
+    def forward(self, x, backend="auto"):
+        if self.sources is not None and x.numel() >= DENSE_ROWS * x.shape[-1]:
+            y = F.linear(x.to(COMPUTE_DTYPE), self.dense()).to(x.dtype)
+        else:
+            y = self.w.linear(x)
+        if self.bias is not None:
+            y = y + self.bias
+        return y if self.out_dtype is None else y.to(self.out_dtype)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """A dequantized fp32 copy [N, K] (costs 4 bytes a weight; for inspection only)."""
+        return self.w.dequantize()
+
+    @property
+    def nbytes(self) -> int:
+        return self.w.nbytes
+
+    def extra_repr(self):
+        return f"{type(self.w).__name__}, out_features={self.w.out_features}"
+
+
+class NativeEmbedding(nn.Module):
+    def __init__(self, w):
+        super().__init__()
+        self.w = w
+
+    def forward(self, ids):
+        return self.w.embedding(ids)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.w.dequantize()
+
+
+def native_linears(model) -> list[NativeLinear]:
+    return [m for m in model.modules() if isinstance(m, NativeLinear)]
+
+
+def native_nbytes(model) -> int:
+    """Bytes the model's weights hold: every native weight once (the tied table is shared)
+    plus the plain tensors (norms)."""
+    seen = {id(m.w): m.w.nbytes for m in model.modules()
+            if isinstance(m, (NativeLinear, NativeEmbedding))}
+    return sum(seen.values()) + sum(p.nbytes for p in model.parameters())
+
+
+def build_native_model(config, state: dict, packed: dict, backend: str = "auto"):
+    """-> a ``Transformer`` whose linears and embedding are native weights built from
+    ``packed`` (the file's block tensors, by canonical name) or ``state`` (plain tensors).
+
+    The model is built on the meta device, so no fp32 weight is ever allocated: each file
+    tensor becomes its native weight directly (peak memory ~ file size + the largest table's
+    fp32 slice), then the few plain parameters (norms) are materialized and loaded."""
+    from ..model import Transformer
+    from ..ops.rope import rope_inv_freq
+
+    tensors = {**state, **packed}
+    backend = "native" if backend == "auto" else backend   # SDPA attention on the CPU
+
+    def take(name):
+        return native_weight(tensors[name])
+
+    def src(names):   # file blocks for the dense (prefill) path; None for plain tensors
+        ts = [tensors[n] for n in names]
+        return ts if all(isinstance(t, PackedTensor) for t in ts) else None
+
+    def linear(names, w=None, bias=None, **kw):
+        return NativeLinear(take(names[0]) if w is None else w, bias, sources=src(names), **kw)
+
+    def bias(names):
+        bs = [state.get(n) for n in names]
+        return None if bs[0] is None else torch.cat(bs)
+
+    model = Transformer(config, backend=backend, device="meta")
+    for i, blk in enumerate(model.layers):
+        a, m, p = blk.attn, blk.mlp, f"layers.{i}."
+        names = [p + f"attn.{n}.weight" for n in ("wq", "wk", "wv")]
+        qkv = [take(n) for n in names]
+        fused = fuse(qkv)
+        if fused is not None:
+            a.wqkv = linear(names, fused, bias([n[:-6] + "bias" for n in names]))
+            a.wq = a.wk = a.wv = None
+        else:
+            for n, w, name in zip(("wq", "wk", "wv"), qkv, names):
+                setattr(a, n, linear([name], w, state.get(name[:-6] + "bias")))
+        a.wo = linear([p + "attn.wo.weight"])
+        names = [p + "mlp.w_gate.weight", p + "mlp.w_up.weight"]
+        gate_up = [take(n) for n in names]
+        fused = fuse(gate_up)
+        if fused is not None:
+            m.w_gate_up, m.w_gate, m.w_up = linear(names, fused), None, None
+        else:
+            m.w_gate, m.w_up = (linear([n], w) for n, w in zip(names, gate_up))
+        m.w_down = linear([p + "mlp.w_down.weight"])
+    emb = tensors["embed.weight"]
+    table = DenseWeight(emb) if isinstance(emb, torch.Tensor) else pack_q8_0(emb, COMPUTE_DTYPE)
+    model.embed = NativeEmbedding(table)
+    head = "embed.weight" if config.tie_word_embeddings else "lm_head.weight"
+    model.lm_head = linear([head], table if config.tie_word_embeddings else None,
+                           out_dtype=torch.float32)
+    # Left on the meta device: the norms (and the RoPE buffer). Materialize and fill them.
+    model.to_empty(device="cpu").to(COMPUTE_DTYPE)
+    model.inv_freq = rope_inv_freq(config.head_dim, config.rope_theta, config.rope_scaling,
+                                   freq_factors=config.extra.get("rope_freq_factors"))
+    plain = dict(model.named_parameters())
+    with torch.no_grad():
+        for n, t in plain.items():
+            t.copy_(state[n].to(COMPUTE_DTYPE))
+    return model.eval()
