@@ -121,7 +121,9 @@ def load_model(name_or_path="smollm2", device="auto", dtype=None, backend="auto"
 def _load_native(src: Path, backend: str):
     from .quant.cpu_native import build_native_model
     config, state, packed, gfile = load_gguf(src, torch.float32, dequantize=False)
-    model = build_native_model(config, state, packed, backend)
+    model = build_native_model(config, state, packed, backend, release=gfile.release_pages)
     model.packed_weights = packed
     model.source = str(src)
-    return model, Tokenizer.from_gguf(gfile.metadata)
+    tokenizer = Tokenizer.from_gguf(gfile.metadata)
+    gfile.release_pages()   # packed now; only long prefills read the file's blocks again
+    return model, tokenizer

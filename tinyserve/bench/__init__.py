@@ -18,6 +18,7 @@ Suites:
     ops        each op's kernel vs its peers (cuBLAS, SDPA, eager ref), fraction of roofline
     decode     decode tokens/s of Llama-3.2-1B / Llama-2-7B shapes (random weights) vs HF
     generate   batch-1 greedy decode tokens/s on SmolLM2: tinyserve vs HF transformers
+    cpu        SmolLM2 on the CPU: tinyserve native vs fp32 reference vs HF vs llama.cpp
     speculative  alpha, tokens per step and speedup per draft and task (CPU; GPU from shapes)
     serving    continuous vs static batching vs HF batched generate: throughput, latency vs rate
     paged      paged KV store vs contiguous slots: waste, sequences per KV budget, prefix cache
@@ -32,6 +33,7 @@ SUITES = {
     "ops": "tinyserve.bench.ops",
     "decode": "tinyserve.bench.decode",
     "generate": "tinyserve.bench.generate",
+    "cpu": "tinyserve.bench.cpu",
     "quant": "tinyserve.bench.quant",
     "serving": "tinyserve.bench.serving",
     "paged": "tinyserve.bench.paged",

@@ -25,6 +25,17 @@ def interpreter_on() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
+def import_triton():
+    """``import triton`` where its kernels can run (a CUDA device, or the interpreter), else
+    ImportError. Each op module imports triton through this inside ``try: ... except
+    ImportError``, so on a CPU-only machine without the interpreter nothing imports it: the
+    kernels could never run there, and importing triton costs ~80 MB of resident memory."""
+    if not (interpreter_on() or torch.cuda.is_available()):
+        raise ImportError("no CUDA device and TRITON_INTERPRET is not 1: Triton kernels cannot run")
+    import triton
+    return triton
+
+
 def resolve(backend: str, x: torch.Tensor) -> str:
     """The implementation that will run for an input living where ``x`` lives."""
     check_backend(backend)

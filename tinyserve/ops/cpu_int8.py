@@ -107,16 +107,19 @@ def pack_int8_rows(rows, N: int, compute_dtype: torch.dtype = torch.bfloat16):
     if compute_dtype not in (torch.float32, torch.bfloat16):
         raise ValueError(f"int8 CPU kernel: compute_dtype must be float32 or bfloat16, "
                          f"got {compute_dtype}")
-    qs, scales = [], []
+    q, scale = None, torch.empty(N)
     for i in range(0, N, _PACK_ROWS):
-        w = rows(i, min(i + _PACK_ROWS, N))
+        j = min(i + _PACK_ROWS, N)
+        w = rows(i, j)
+        if q is None:   # filled in place: no list of slices, no concatenated second copy
+            q = torch.empty(N, w.shape[1], dtype=torch.int8)
         # The scale is stored in compute_dtype: round it first and divide by the stored
         # value, so q * scale reproduces w as well as the stored scale allows.
         s = (w.abs().amax(dim=1) / 127).clamp(min=torch.finfo(torch.float32).tiny)
         s = s.to(compute_dtype).float()
-        qs.append((w / s[:, None]).round().clamp(-127, 127).to(torch.int8))
-        scales.append(s)
-    return Int8PackedWeight(torch.cat(qs), torch.cat(scales).to(compute_dtype))
+        q[i:j] = (w / s[:, None]).round_().clamp_(-127, 127)
+        scale[i:j] = s
+    return Int8PackedWeight(q, scale.to(compute_dtype))
 
 
 def pack_q8_0(pt, compute_dtype: torch.dtype = torch.bfloat16) -> Int8PackedWeight:

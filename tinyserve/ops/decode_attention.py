@@ -14,7 +14,7 @@ whole cost, so the kernel has two jobs: read each K/V byte once, and keep every 
 import torch
 import torch.nn.functional as F
 
-from ._dispatch import interpreter_on, resolve
+from ._dispatch import import_triton, interpreter_on, resolve
 from .attention_common import attention_ref, check_attention_args
 # The split heuristic and tile size live in launch.py: paged decode shares them.
 from .launch import (DECODE_BLOCK_N, dot_precision, group_rows, num_kv_splits, qk_scale, sm_count,
@@ -23,7 +23,7 @@ from .softmax import merge_splits, split_outputs
 from .spec import BenchCase
 
 try:
-    import triton
+    triton = import_triton()
     import triton.language as tl
     from .softmax import online_softmax_finish, online_softmax_update, tile_scores
 except ImportError:  # `import tinyserve.ops` must work without triton; only "ref" is available

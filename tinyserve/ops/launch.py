@@ -8,10 +8,10 @@ import math
 
 import torch
 
-from ._dispatch import interpreter_on
+from ._dispatch import import_triton, interpreter_on
 
 try:
-    import triton
+    triton = import_triton()
 except ImportError:  # `import tinyserve.ops` must work without triton; only "ref" is available
     triton = None
 

@@ -10,12 +10,12 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from ._dispatch import check_backend, interpreter_on, resolve
+from ._dispatch import check_backend, import_triton, interpreter_on, resolve
 from .launch import dot_precision, sm_count
 from .spec import BenchCase
 
 try:
-    import triton
+    triton = import_triton()
     import triton.language as tl
 except ImportError:  # `import tinyserve.ops` must work without triton; only "ref" is available
     triton = None

@@ -25,7 +25,7 @@ in ``paged_layout.py``; this file holds the ops' entry points and the attention 
 """
 import torch
 
-from ._dispatch import interpreter_on, resolve
+from ._dispatch import import_triton, interpreter_on, resolve
 from .attention_common import attention_ref, kernel_supports
 from .cpu_attention import paged_attention_native, paged_write_native
 from .decode_attention import decode_attention_triton     # the benchmarks' contiguous peers
@@ -39,7 +39,7 @@ from .softmax import merge_splits, split_outputs
 from .spec import BenchCase
 
 try:
-    import triton
+    triton = import_triton()
     import triton.language as tl
     from .softmax import online_softmax_finish, online_softmax_update, tile_scores
 except ImportError:  # `import tinyserve.ops` must work without triton; only "ref" is available

@@ -10,10 +10,11 @@ and the kernels, the write of new K/V into their slots (reference and Triton ker
 """
 import torch
 
+from ._dispatch import import_triton
 from .attention_common import KERNEL_DTYPES, KERNEL_HEAD_DIMS
 
 try:
-    import triton
+    triton = import_triton()
     import triton.language as tl
 except ImportError:  # `import tinyserve.ops` must work without triton; only "ref" is available
     triton = None

@@ -14,13 +14,13 @@ row's keys stop at kv_len; a query with no visible key outputs zeros, not NaN).
 import torch
 import torch.nn.functional as F
 
-from ._dispatch import interpreter_on, resolve
+from ._dispatch import import_triton, interpreter_on, resolve
 from .attention_common import attention_ref, check_attention_args
 from .launch import dot_precision, prefill_config, qk_scale
 from .spec import BenchCase
 
 try:
-    import triton
+    triton = import_triton()
     import triton.language as tl
     from .softmax import online_softmax_finish, online_softmax_update
 except ImportError:  # `import tinyserve.ops` must work without triton; only "ref" is available

@@ -22,7 +22,7 @@ Modules: this one is the op (backend dispatch, ``weight_bytes``, the benchmark c
 import torch
 import torch.nn.functional as F
 
-from ._dispatch import check_backend, interpreter_on, resolve
+from ._dispatch import check_backend, import_triton, interpreter_on, resolve
 from .linear import MAX_M
 from .quant_layout import GGUF_BLOCK
 from .quant_linear_common import (GGUF_BLOCKS, check_quant_linear_args, kernel_operands,
@@ -31,7 +31,7 @@ from .quant_linear_kernel import quant_linear_triton
 from .spec import BenchCase
 
 try:
-    import triton
+    triton = import_triton()
 except ImportError:  # `import tinyserve.ops` must work without triton; only "ref" is available
     triton = None
 

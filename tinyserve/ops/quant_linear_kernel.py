@@ -25,13 +25,13 @@ import functools
 
 import torch
 
-from ._dispatch import interpreter_on
+from ._dispatch import import_triton, interpreter_on
 from .launch import dot_precision
 from .linear import MAX_M, output_buffer, split_k_for
 from .quant_linear_common import check_quant_linear_args, kernel_operands, quant_linear_ref
 
 try:
-    import triton
+    triton = import_triton()
     import triton.language as tl
     from .linear import splitk_reduce
 except ImportError:  # `import tinyserve.ops` must work without triton; only "ref" is available

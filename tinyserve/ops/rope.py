@@ -8,11 +8,11 @@ import math
 
 import torch
 
-from ._dispatch import check_backend, interpreter_on, resolve
+from ._dispatch import check_backend, import_triton, interpreter_on, resolve
 from .spec import BenchCase
 
 try:
-    import triton
+    triton = import_triton()
     import triton.language as tl
 except ImportError:  # `import tinyserve.ops` must work without triton; only "ref" is available
     triton = None

@@ -14,8 +14,10 @@ are the host side of that.
 """
 import torch
 
+from ._dispatch import import_triton
+
 try:
-    import triton
+    triton = import_triton()
     import triton.language as tl
 except ImportError:  # `import tinyserve.ops` must work without triton; only "ref" is available
     triton = None

@@ -153,13 +153,16 @@ def native_nbytes(model) -> int:
     return sum(seen.values()) + sum(p.nbytes for p in model.parameters())
 
 
-def build_native_model(config, state: dict, packed: dict, backend: str = "auto"):
+def build_native_model(config, state: dict, packed: dict, backend: str = "auto",
+                       release=None):
     """-> a ``Transformer`` whose linears and embedding are native weights built from
     ``packed`` (the file's block tensors, by canonical name) or ``state`` (plain tensors).
 
     The model is built on the meta device, so no fp32 weight is ever allocated: each file
     tensor becomes its native weight directly (peak memory ~ file size + the largest table's
-    fp32 slice), then the few plain parameters (norms) are materialized and loaded."""
+    fp32 slice), then the few plain parameters (norms) are materialized and loaded.
+    ``release()``, if given, is called after each layer (the loader drops the file's pages
+    already read from resident memory, so they do not add up to a second copy)."""
     from ..model import Transformer
     from ..ops.rope import rope_inv_freq
 
@@ -181,6 +184,8 @@ def build_native_model(config, state: dict, packed: dict, backend: str = "auto")
         return None if bs[0] is None else torch.cat(bs)
 
     model = Transformer(config, backend=backend, device="meta")
+    if release is not None:
+        release()   # what reading the file touched so far (header, Q/K rows unpermuted)
     for i, blk in enumerate(model.layers):
         a, m, p = blk.attn, blk.mlp, f"layers.{i}."
         names = [p + f"attn.{n}.weight" for n in ("wq", "wk", "wv")]
@@ -201,9 +206,13 @@ def build_native_model(config, state: dict, packed: dict, backend: str = "auto")
         else:
             m.w_gate, m.w_up = (linear([n], w) for n, w in zip(names, gate_up))
         m.w_down = linear([p + "mlp.w_down.weight"])
+        if release is not None:
+            release()
     emb = tensors["embed.weight"]
     table = DenseWeight(emb) if isinstance(emb, torch.Tensor) else pack_q8_0(emb, COMPUTE_DTYPE)
     model.embed = NativeEmbedding(table)
+    if release is not None:
+        release()
     head = "embed.weight" if config.tie_word_embeddings else "lm_head.weight"
     model.lm_head = linear([head], table if config.tie_word_embeddings else None,
                            out_dtype=torch.float32)
