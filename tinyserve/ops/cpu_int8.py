@@ -81,7 +81,8 @@ class Int8PackedWeight:
     def linear(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., K] -> x @ W^T [..., N] in x's dtype, computed in ``compute_dtype``."""
         K, N = self.in_features, self.out_features
-        if x.dtype == self.compute_dtype and x.dim() == 2 and x.shape[0] and x.is_contiguous():
+        if x.dtype == self.compute_dtype and x.dim() == 2 and x.shape[1] == K and x.shape[0] \
+                and x.is_contiguous():
             return _mm()(x, self.q, self.scale)             # decode's case: one op
         if x.shape[-1] != K:
             raise ValueError(f"int8 linear: x {tuple(x.shape)} does not end in K={K}")

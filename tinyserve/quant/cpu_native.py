@@ -25,17 +25,17 @@ makes 4 kernel calls instead of 7 (x read once per group) when the parts share a
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..ops.cpu_int4 import Int4PackedWeight, Int4PackUnavailable, N_MULTIPLE, pack_q4_1
-from ..ops.cpu_int8 import Int8PackedWeight, Int8PackUnavailable, pack_q8_0
+from ..ops.cpu_int4 import N_MULTIPLE, pack_q4_1
+from ..ops.cpu_int8 import pack_q8_0
 from ..weights.gguf_blocks import PackedTensor
 
 COMPUTE_DTYPE = torch.bfloat16
 DENSE_ROWS = 96   # rows of x from which a linear dequantizes and runs dense (NativeLinear)
-Unavailable = (Int4PackUnavailable, Int8PackUnavailable)
 
 
 class DenseWeight:
@@ -66,23 +66,25 @@ def native_weight(pt: PackedTensor | torch.Tensor):
     return pack_q8_0(pt, compute_dtype=COMPUTE_DTYPE)
 
 
-def fuse(ws: list):
-    """Weights of one kind stacked along N (output features) -> one weight, or None when the
-    parts differ in kind or group size (then they stay separate calls)."""
-    kind = type(ws[0])
-    if any(type(w) is not kind for w in ws):
+def same_format(parts: list) -> bool:
+    """All plain tensors, or all file blocks of one format."""
+    if all(isinstance(t, torch.Tensor) for t in parts):
+        return True
+    return all(isinstance(t, PackedTensor) for t in parts) and len({t.qtype for t in parts}) == 1
+
+
+def stack_rows(parts: list):
+    """File tensors [N_i, K] of one format stacked along N -> one tensor of that format, or
+    None when the formats differ (the parts then stay separate calls). Exact: block formats
+    quantize each row on its own, so stacking the rows' bytes is the fused tensor's encoding.
+    (Packed kernel weights do not stack: the int4 packing interleaves tiles of 64 rows.)"""
+    if not same_format(parts):
         return None
-    if kind is Int4PackedWeight:
-        if len({w.group_size for w in ws}) != 1:
-            return None
-        # the op packs each row independently, so packed rows concatenate
-        return Int4PackedWeight(torch.cat([w.packed for w in ws]),
-                                torch.cat([w.scales_and_zeros for w in ws], dim=1),
-                                ws[0].group_size, sum(w.out_features for w in ws),
-                                ws[0].in_features)
-    if kind is Int8PackedWeight:
-        return Int8PackedWeight(torch.cat([w.q for w in ws]), torch.cat([w.scale for w in ws]))
-    return DenseWeight(torch.cat([w.w for w in ws]))
+    if isinstance(parts[0], torch.Tensor):
+        return torch.cat(parts)
+    data = np.concatenate([np.asarray(t.data).reshape(t.shape[0], -1) for t in parts])
+    return PackedTensor("+".join(t.name for t in parts), parts[0].qtype,
+                        (data.shape[0], parts[0].shape[1]), data)
 
 
 class NativeLinear(nn.Module):
@@ -169,15 +171,12 @@ def build_native_model(config, state: dict, packed: dict, backend: str = "auto",
     tensors = {**state, **packed}
     backend = "native" if backend == "auto" else backend   # SDPA attention on the CPU
 
-    def take(name):
-        return native_weight(tensors[name])
-
-    def src(names):   # file blocks for the dense (prefill) path; None for plain tensors
-        ts = [tensors[n] for n in names]
-        return ts if all(isinstance(t, PackedTensor) for t in ts) else None
-
-    def linear(names, w=None, bias=None, **kw):
-        return NativeLinear(take(names[0]) if w is None else w, bias, sources=src(names), **kw)
+    def linear(names, bias=None, **kw):
+        """One NativeLinear for the file tensors ``names`` stacked along N (fused)."""
+        parts = [tensors[n] for n in names]
+        whole = parts[0] if len(parts) == 1 else stack_rows(parts)
+        src = parts if all(isinstance(t, PackedTensor) for t in parts) else None
+        return NativeLinear(native_weight(whole), bias, sources=src, **kw)
 
     def bias(names):
         bs = [state.get(n) for n in names]
@@ -189,22 +188,18 @@ def build_native_model(config, state: dict, packed: dict, backend: str = "auto",
     for i, blk in enumerate(model.layers):
         a, m, p = blk.attn, blk.mlp, f"layers.{i}."
         names = [p + f"attn.{n}.weight" for n in ("wq", "wk", "wv")]
-        qkv = [take(n) for n in names]
-        fused = fuse(qkv)
-        if fused is not None:
-            a.wqkv = linear(names, fused, bias([n[:-6] + "bias" for n in names]))
+        if same_format([tensors[n] for n in names]):   # one format: fuse
+            a.wqkv = linear(names, bias([n[:-6] + "bias" for n in names]))
             a.wq = a.wk = a.wv = None
         else:
-            for n, w, name in zip(("wq", "wk", "wv"), qkv, names):
-                setattr(a, n, linear([name], w, state.get(name[:-6] + "bias")))
+            for n, name in zip(("wq", "wk", "wv"), names):
+                setattr(a, n, linear([name], state.get(name[:-6] + "bias")))
         a.wo = linear([p + "attn.wo.weight"])
         names = [p + "mlp.w_gate.weight", p + "mlp.w_up.weight"]
-        gate_up = [take(n) for n in names]
-        fused = fuse(gate_up)
-        if fused is not None:
-            m.w_gate_up, m.w_gate, m.w_up = linear(names, fused), None, None
+        if same_format([tensors[n] for n in names]):
+            m.w_gate_up, m.w_gate, m.w_up = linear(names), None, None
         else:
-            m.w_gate, m.w_up = (linear([n], w) for n, w in zip(names, gate_up))
+            m.w_gate, m.w_up = (linear([n]) for n in names)
         m.w_down = linear([p + "mlp.w_down.weight"])
         if release is not None:
             release()
@@ -213,9 +208,11 @@ def build_native_model(config, state: dict, packed: dict, backend: str = "auto",
     model.embed = NativeEmbedding(table)
     if release is not None:
         release()
-    head = "embed.weight" if config.tie_word_embeddings else "lm_head.weight"
-    model.lm_head = linear([head], table if config.tie_word_embeddings else None,
-                           out_dtype=torch.float32)
+    if config.tie_word_embeddings:   # one int8 table serves the lookup and the LM head
+        src = [emb] if isinstance(emb, PackedTensor) else None
+        model.lm_head = NativeLinear(table, out_dtype=torch.float32, sources=src)
+    else:
+        model.lm_head = linear(["lm_head.weight"], out_dtype=torch.float32)
     # Left on the meta device: the norms (and the RoPE buffer). Materialize and fill them.
     model.to_empty(device="cpu").to(COMPUTE_DTYPE)
     model.inv_freq = rope_inv_freq(config.head_dim, config.rope_theta, config.rope_scaling,
