@@ -117,9 +117,9 @@ def test_slot_index_follows_block_table_changes():
               paged_decode_attention_ref(q, kc, vc, bt, kv), 1e-5, 1e-5)
 
     check()
-    rows = ca._slots.rows
+    rows = ca._slots.value
     check()
-    assert ca._slots.rows is rows                     # same tensors, unmodified: reused
+    assert ca._slots.value is rows                     # same tensors, unmodified: reused
     # Decode attends to every key, so only a different block (not a reordering) changes
     # the answer: point row 2's first entry at a spare block, in place.
     spare = sorted(set(range(kc.shape[0])) - set(bt.flatten().tolist()))[0]

@@ -10,7 +10,7 @@ with host-side checks. Here, per row:
               [num_blocks * block_size, Hkv, D] (reads exactly the kv_len * Hkv * D elements
               attention must read anyway). The slot index depends only on the block tables
               and lengths, which are the same tensors for every layer of a step, so it is built
-              once per step (``_SlotIndex``) instead of once per layer;
+              once per step (``step_cache.PerStep``) instead of once per layer;
 
 then one ``F.scaled_dot_product_attention`` call with GQA (``enable_gqa``: no repeated K/V),
 causal by an explicit mask when a row has several queries (its queries are the LAST q_len of
@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from .paged_layout import paged_write_ref
+from .step_cache import PerStep
 
 
 def _sdpa(q, k, v, q_first: int):
@@ -52,33 +53,24 @@ def attention_native(q, k, v, q_pos, kv_len):
     return out
 
 
-class _SlotIndex:
-    """Each row's token slots, for the (block_tables, kv_lens) of the current step. Kept while
-    the same tensors come back unmodified (``_version`` counts in-place writes)."""
-
-    def __init__(self):
-        self.key, self.rows = None, None
-
-    def get(self, block_tables, kv_lens, block_size):
-        key = (block_tables, kv_lens, block_tables._version, kv_lens._version, block_size)
-        if self.key is None or any(a is not b for a, b in zip(key[:2], self.key[:2])) \
-                or key[2:] != self.key[2:]:
-            offs = torch.arange(block_size)
-            rows = []
-            for bt, n in zip(block_tables.long(), kv_lens.tolist()):
-                nb = -(-n // block_size)
-                rows.append((bt[:nb, None] * block_size + offs).flatten()[:n])
-            self.key, self.rows = key, rows
-        return self.rows
+def _slot_rows(block_tables, kv_lens, block_size: int) -> list[torch.Tensor]:
+    """Each row's token slots [kv_len] in the pool viewed as [slots, Hkv, D]."""
+    offs = torch.arange(block_size)
+    rows = []
+    for bt, n in zip(block_tables.long(), kv_lens.tolist()):
+        nb = -(-n // block_size)
+        rows.append((bt[:nb, None] * block_size + offs).flatten()[:n])
+    return rows
 
 
-_slots = _SlotIndex()
+_slots = PerStep(_slot_rows)                                         # once per step, not layer
+_all_written = PerStep(lambda slot_mapping: bool((slot_mapping >= 0).all()))
 
 
 def paged_write_native(k_cache, v_cache, k_new, v_new, slot_mapping):
     """As ``paged_write_ref`` for contiguous pools and non-negative slots (what the engine
     passes): two ``index_copy_`` into the pools viewed as [slots, Hkv, D], no host checks."""
-    if (slot_mapping < 0).any() or not (k_cache.is_contiguous() and v_cache.is_contiguous()):
+    if not (_all_written(slot_mapping) and k_cache.is_contiguous() and v_cache.is_contiguous()):
         return paged_write_ref(k_cache, v_cache, k_new, v_new, slot_mapping)
     Hkv, D = k_cache.shape[2], k_cache.shape[3]
     k_cache.view(-1, Hkv, D).index_copy_(0, slot_mapping, k_new)
@@ -91,7 +83,11 @@ def paged_attention_native(q, k_cache, v_cache, block_tables, kv_lens, cu_q=None
     of its kv_lens[b] keys. Pools [num_blocks, block_size, Hkv, D]."""
     bs, Hkv, D = k_cache.shape[1], k_cache.shape[2], k_cache.shape[3]
     kp, vp = k_cache.view(-1, Hkv, D), v_cache.view(-1, Hkv, D)
-    rows = _slots.get(block_tables, kv_lens, bs)
+    rows = _slots(block_tables, kv_lens, bs)
+    if cu_q is None and len(rows) == 1 and rows[0].numel():   # one decode row: no copies
+        k = kp.index_select(0, rows[0]).transpose(0, 1)[None]
+        v = vp.index_select(0, rows[0]).transpose(0, 1)[None]
+        return _sdpa(q.transpose(0, 1)[None], k, v, rows[0].numel() - 1)[0].transpose(0, 1)
     out = torch.empty_like(q)
     starts = range(len(rows)) if cu_q is None else cu_q.tolist()
     for b, slots in enumerate(rows):

@@ -10,6 +10,7 @@ import torch
 
 from ._dispatch import check_backend, import_triton, interpreter_on, resolve
 from .spec import BenchCase
+from .step_cache import PerStep
 
 try:
     triton = import_triton()
@@ -165,11 +166,15 @@ def apply_rope_triton(q, k, cos, sin, out=None):
     return qo, ko
 
 
+# The step's angles [B, 1, T, D] in the activation dtype, cast once per step, not per layer.
+_angles = PerStep(lambda cos, sin, dtype: (cos[:, None].to(dtype), sin[:, None].to(dtype)))
+
+
 def apply_rope_native(q, k, cos, sin):
     """As ``apply_rope_ref`` computed in the input dtype (bf16 on the native CPU path) with
     fewer ops (no fp32 copies; the multiply-add fused in ``addcmul``): two roundings per
     element instead of one, within bf16's precision of the reference."""
-    cos, sin = cos[:, None].to(q.dtype), sin[:, None].to(q.dtype)
+    cos, sin = _angles(cos, sin, q.dtype)
     return (torch.addcmul(q * cos, _rotate_half(q), sin),
             torch.addcmul(k * cos, _rotate_half(k), sin))
 

@@ -111,8 +111,8 @@ class NativeLinear(nn.Module):
     def forward(self, x, backend="auto"):
         if self.sources is not None and x.numel() >= DENSE_ROWS * x.shape[-1]:
             y = F.linear(x.to(COMPUTE_DTYPE), self.dense()).to(x.dtype)
-        else:
-            y = self.w.linear(x)
+        else:   # the kernels' fast path takes 2-D rows
+            y = self.w.linear(x.reshape(-1, x.shape[-1])).view(*x.shape[:-1], -1)
         if self.bias is not None:
             y = y + self.bias
         return y if self.out_dtype is None else y.to(self.out_dtype)
