@@ -213,12 +213,13 @@ def build_native_model(config, state: dict, packed: dict, backend: str = "auto",
         model.lm_head = NativeLinear(table, out_dtype=torch.float32, sources=src)
     else:
         model.lm_head = linear(["lm_head.weight"], out_dtype=torch.float32)
-    # Left on the meta device: the norms (and the RoPE buffer). Materialize and fill them.
-    model.to_empty(device="cpu").to(COMPUTE_DTYPE)
+    # Left on the meta device: the norms (and the RoPE buffer). Give them real tensors.
+    # (Not ``to_empty``: on meta tensors it goes through torch's Python decompositions, whose
+    # first use imports sympy: ~1 s of start-up.)
     model.inv_freq = rope_inv_freq(config.head_dim, config.rope_theta, config.rope_scaling,
                                    freq_factors=config.extra.get("rope_freq_factors"))
-    plain = dict(model.named_parameters())
-    with torch.no_grad():
-        for n, t in plain.items():
-            t.copy_(state[n].to(COMPUTE_DTYPE))
+    for name, _ in list(model.named_parameters()):
+        owner, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(owner), attr,
+                nn.Parameter(state[name].to(COMPUTE_DTYPE), requires_grad=False))
     return model.eval()

@@ -111,10 +111,36 @@ def _scan_value(cur: _Cursor, vtype: int, key: str, depth: int = 0):
         cur.pos += count * isize
         return out
     if itype == _STRING:   # a vocabulary or merge list: ~50k short strings
-        return [cur.string(f"element {i} of metadata array {key!r}") for i in range(count)]
+        return _string_array(cur, count, key)
     if depth >= _MAX_ARRAY_NESTING:
         raise GGUFError(f"{cur.path}: metadata array {key!r} is nested too deeply")
     return [_scan_value(cur, _ARRAY, f"{key}[{i}]", depth + 1) for i in range(count)]
+
+
+_U64 = struct.Struct("<Q")
+
+
+def _string_array(cur: _Cursor, count: int, key: str) -> list[str]:
+    """``count`` length-prefixed UTF-8 strings: ``_Cursor.string``'s checks in one tight loop
+    (a vocabulary is ~50k of them; the message for an error is built only if one occurs)."""
+    buf, pos, size, out = cur.buf, cur.pos, cur.size, []
+    for i in range(count):
+        if pos + 8 > size:
+            break
+        n = _U64.unpack_from(buf, pos)[0]
+        if pos + 8 + n > size:
+            break
+        raw = bytes(buf[pos + 8:pos + 8 + n])
+        try:
+            out.append(raw.decode("utf-8"))
+        except UnicodeDecodeError:
+            raise GGUFError(f"{cur.path}: element {i} of metadata array {key!r} is not valid "
+                            f"UTF-8 ({raw[:40]!r}): corrupt GGUF file") from None
+        pos += 8 + n
+    cur.pos = pos
+    if len(out) < count:   # ran out of bytes: let the cursor say where, as for any read
+        cur.string(f"element {len(out)} of metadata array {key!r}")
+    return out
 
 
 def scan_gguf(path: Path, buf) -> tuple[dict, list[_TensorInfo], int, int]:
