@@ -62,7 +62,7 @@ def machine_name(device) -> str:
     return slugify(name) if name else f"cpu-{num_cpus()}core"
 
 
-def _version(dist: str) -> str | None:
+def package_version(dist: str) -> str | None:
     try:
         return metadata.version(dist)
     except metadata.PackageNotFoundError:
@@ -91,8 +91,8 @@ def env_info(device, argv: Sequence[str] | None = None, prog: str = "python -m t
         "versions": {
             "tinyserve": getattr(tinyserve, "__version__", None),
             "torch": torch.__version__,
-            "triton": _version("triton"),
-            "transformers": _version("transformers"),
+            "triton": package_version("triton"),
+            "transformers": package_version("transformers"),
         },
         "device": str(device),
         "machine": machine_name(device),

@@ -32,7 +32,7 @@ import time
 
 from ..args import positive_int
 from ..threads import usable_cores
-from .common import comma_list, finish, load_avg, log, start, table
+from .common import comma_list, finish, load_avg, log, package_version, start, table
 
 NAME = "cpu"
 HELP = "SmolLM2 on the CPU: tinyserve native vs its fp32 reference vs HF vs llama.cpp"
@@ -242,7 +242,8 @@ def run(args) -> dict:
               "config": {"model": args.model, "source": str(path), "threads": threads,
                          "max_tokens": args.max_tokens, "chat_prompt_tokens": len(chat_ids),
                          "prefill_tokens": len(long_ids), "repeats": args.repeats,
-                         "engines": names, "skipped": skipped},
+                         "engines": names, "skipped": skipped,
+                         "llama_cpp_python": package_version("llama-cpp-python")},
               "results": per_threads, "startup": startup,
               "ratios": ratios(per_threads)}
     return finish(result, args, report)
