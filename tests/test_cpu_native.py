@@ -7,6 +7,7 @@ every layer, int4 weights with bf16 scales/zeros, and int8 per-row requantized t
 reference is fp32 on the file's exact weights. Measured: ~1.5-2% of max |logit| on the tiny
 2-layer models, 2.5-4% on SmolLM2's 30 layers. Bounds: 5% and 8% of max |logit|.
 """
+import copy
 from pathlib import Path
 
 import numpy as np
@@ -155,6 +156,30 @@ def test_llm_default_is_native_on_cpu(tiny_files):
     # a quantization method applies to the (dequantized) reference model
     llm = LLM(path, device="cpu", quantization="int8")
     assert not cn.native_linears(llm.model) and llm.model.dtype == torch.float32
+
+
+def test_int4_quantization_runs_on_the_int4_kernel(tiny_files):
+    """quantize_model(.., "int4") layers moved onto the int4 CPU kernel compute the same
+    product (the mapping is exact; bf16 compute rounds scales, x and y: TINY_REL), layers
+    the kernel cannot take stay, and LLM(quantization="int4") does the move on the CPU."""
+    from tinyserve import LLM
+    from tinyserve.quant import quantize_model
+    from tinyserve.quant.linear import QuantLinear
+    path = tiny_files["Q4_1"]
+    ref, _ = load_model(path, device="cpu", dtype=torch.float32)
+    quantize_model(ref, "int4", group_size=32)
+    fast = copy.deepcopy(ref)
+    n_quant = sum(isinstance(m, QuantLinear) for m in fast.modules())
+    assert cn.int4_to_native(fast) == n_quant > 0
+    assert not any(isinstance(m, QuantLinear) for m in fast.modules())
+    ids = _ids(ref.config.vocab_size)
+    _assert_logits_close(fast.run(ids), ref.run(ids), TINY_REL, "int4 kernel vs QuantLinear")
+    assert cn.int4_to_native(fast) == 0                      # nothing left to move
+    other, _ = load_model(path, device="cpu", dtype=torch.float32)
+    quantize_model(other, "int8")
+    assert cn.int4_to_native(other) == 0                     # not int4: left alone
+    llm = LLM(str(path), device="cpu", quantization={"method": "int4", "group_size": 32})
+    assert len(cn.native_linears(llm.model)) == n_quant
 
 
 # ---- read_gguf's own parser vs gguf.GGUFReader -------------------------------------------

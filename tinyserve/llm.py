@@ -25,6 +25,7 @@ from .errors import RequestFailed
 from .generate import check_prompt
 from .loader import load_model
 from .quant import get_method, quantize_model
+from .quant.cpu_native import int4_to_native
 from .sampling import SamplingParams, per_row_params
 from .threads import check_threads, set_threads
 
@@ -94,7 +95,8 @@ class LLM:
         On the CPU a GGUF file runs natively by default: its quantized blocks go straight to
         PyTorch's int4/int8 CPU kernels with bf16 activations (``tinyserve.quant.cpu_native``;
         ~95 MB of weights for SmolLM2 instead of 540 MB in fp32). ``dtype="float32"`` (or any
-        dtype, or a ``quantization``) loads the dequantized reference instead."""
+        dtype, or a ``quantization``) loads the dequantized reference instead; on the CPU,
+        ``quantization="int4"`` then runs its layers through the same int4 kernel."""
         if threads is not None:
             check_threads(threads)
         config = _config(config, max_batch_size, max_num_batched_tokens, kv, kv_cache_tokens,
@@ -110,6 +112,8 @@ class LLM:
                                                 backend=backend, native=quantization is None)
         if quantization is not None:
             quantize_model(self.model, **spec)
+            if spec["method"] == "int4" and self.model.device.type == "cpu":
+                int4_to_native(self.model)   # the int4 CPU kernel instead of dequantizing
         self._setup(config)
 
     @classmethod

@@ -102,7 +102,7 @@ class NativeLinear(nn.Module):
                  sources: list | None = None):
         super().__init__()
         self.w, self.out_dtype, self.sources = w, out_dtype, sources
-        self.bias = None if bias is None else bias.to(COMPUTE_DTYPE)
+        self.bias = None if bias is None else bias.detach()   # in the dtype of y
 
     def dense(self) -> torch.Tensor:
         """W [N, K] in bf16, decoded from ``sources`` (fp32 decode, one rounding to bf16)."""
@@ -180,7 +180,7 @@ def build_native_model(config, state: dict, packed: dict, backend: str = "auto",
 
     def bias(names):
         bs = [state.get(n) for n in names]
-        return None if bs[0] is None else torch.cat(bs)
+        return None if bs[0] is None else torch.cat(bs).to(COMPUTE_DTYPE)
 
     model = Transformer(config, backend=backend, device="meta")
     if release is not None:
@@ -193,7 +193,8 @@ def build_native_model(config, state: dict, packed: dict, backend: str = "auto",
             a.wq = a.wk = a.wv = None
         else:
             for n, name in zip(("wq", "wk", "wv"), names):
-                setattr(a, n, linear([name], state.get(name[:-6] + "bias")))
+                b = state.get(name[:-6] + "bias")
+                setattr(a, n, linear([name], None if b is None else b.to(COMPUTE_DTYPE)))
         a.wo = linear([p + "attn.wo.weight"])
         names = [p + "mlp.w_gate.weight", p + "mlp.w_up.weight"]
         if same_format([tensors[n] for n in names]):
@@ -223,3 +224,28 @@ def build_native_model(config, state: dict, packed: dict, backend: str = "auto",
         setattr(model.get_submodule(owner), attr,
                 nn.Parameter(state[name].to(COMPUTE_DTYPE), requires_grad=False))
     return model.eval()
+
+
+def int4_to_native(model) -> int:
+    """Run a CPU model's int4 ``QuantLinear`` layers (``quantize_model(model, "int4")``)
+    through the int4 CPU kernel: w = q s + min maps exactly onto its (q - 8) scale + zero with
+    scale s, zero min + 8s (``ops.cpu_int4.pack_int4_groupwise``), in bf16 compute mode (x is
+    cast to bf16 and the product back to the model's dtype). Layers whose shape the kernel does
+    not take stay as they are. -> how many were swapped."""
+    from ..ops.cpu_int4 import GROUP_SIZES, pack_int4_groupwise
+    from .int_formats import Int4Weight
+    from .linear import QuantLinear
+
+    swapped = 0
+    for name, mod in list(model.named_modules()):
+        if not (isinstance(mod, QuantLinear) and mod.weight_class is Int4Weight):
+            continue
+        qt = mod.qt
+        if qt.qweight.device.type != "cpu" or qt.group_size not in GROUP_SIZES \
+                or mod.out_features % N_MULTIPLE:
+            continue
+        w = pack_int4_groupwise(qt, compute_dtype=COMPUTE_DTYPE)
+        owner, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(owner), attr, NativeLinear(w, mod.bias))
+        swapped += 1
+    return swapped
