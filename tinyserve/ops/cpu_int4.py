@@ -82,6 +82,17 @@ def int4pack_available() -> bool:
         return False
 
 
+def require_kernel(available: bool, error: type, op: str, what: str, compute_dtype) -> None:
+    """Before packing for one of these private CPU kernels (int4 here, int8 in ``cpu_int8``):
+    ``error`` unless the op works in this torch, ValueError unless it takes ``compute_dtype``."""
+    if not available:
+        raise error(f"torch {torch.__version__} has no working aten.{op}: use the "
+                    f"dequantized weights")
+    if compute_dtype not in (torch.float32, torch.bfloat16):
+        raise ValueError(f"{what} CPU kernel: compute_dtype must be float32 or bfloat16, "
+                         f"got {compute_dtype}")
+
+
 def check_int4_shape(N: int, K: int, group_size: int) -> None:
     """Raise ValueError (naming the shape) unless the kernel accepts an [N, K] weight."""
     where = f"int4 CPU kernel: weight [N={N}, K={K}], group size {group_size}"
@@ -158,12 +169,8 @@ def pack_int4_codes(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor
                     compute_dtype: torch.dtype = torch.float32) -> Int4PackedWeight:
     """codes uint8 [N, K] in 0..15, scale and zero [N, K/g] (w = (q - 8) scale + zero) ->
     Int4PackedWeight. The common step under ``pack_q4_1`` and ``pack_int4_groupwise``."""
-    if not int4pack_available():
-        raise Int4PackUnavailable(f"torch {torch.__version__} has no working "
-                                  "aten._weight_int4pack_mm_for_cpu: use the dequantized weights")
-    if compute_dtype not in (torch.float32, torch.bfloat16):
-        raise ValueError(f"int4 CPU kernel: compute_dtype must be float32 or bfloat16, "
-                         f"got {compute_dtype}")
+    require_kernel(int4pack_available(), Int4PackUnavailable, "_weight_int4pack_mm_for_cpu",
+                   "int4", compute_dtype)
     N, K = codes.shape
     check_int4_shape(N, K, group_size)
     if codes.dtype != torch.uint8 or int(codes.max()) > 15:   # the op would silently wrap

@@ -24,6 +24,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .cpu_int4 import require_kernel
+
 __all__ = ["Int8PackUnavailable", "Int8PackedWeight", "int8pack_available", "pack_int8_rows",
            "pack_q8_0"]
 
@@ -102,12 +104,8 @@ class Int8PackedWeight:
 def pack_int8_rows(rows, N: int, compute_dtype: torch.dtype = torch.bfloat16):
     """Requantize a weight to int8 with one scale per row. ``rows(i, j)`` returns rows i..j-1
     as fp32 [j - i, K] (so a large table is decoded a slice at a time)."""
-    if not int8pack_available():
-        raise Int8PackUnavailable(f"torch {torch.__version__} has no working "
-                                  "aten._weight_int8pack_mm: use the dequantized weights")
-    if compute_dtype not in (torch.float32, torch.bfloat16):
-        raise ValueError(f"int8 CPU kernel: compute_dtype must be float32 or bfloat16, "
-                         f"got {compute_dtype}")
+    require_kernel(int8pack_available(), Int8PackUnavailable, "_weight_int8pack_mm", "int8",
+                   compute_dtype)
     q, scale = None, torch.empty(N)
     for i in range(0, N, _PACK_ROWS):
         j = min(i + _PACK_ROWS, N)
