@@ -7,6 +7,9 @@ from pathlib import Path
 import torch
 
 from .model import Transformer
+from .ops.cpu_int4 import int4pack_available
+from .ops.cpu_int8 import int8pack_available
+from .quant.cpu_native import build_native_model
 from .ops.rope import rope_inv_freq
 from .tokenizer import Tokenizer
 from .weights import registry
@@ -71,8 +74,6 @@ def native_reason(src: Path, dev: torch.device, dtype) -> str | None:
         return f"dtype={dtype!r} asks for dequantized weights"
     if not (src.is_file() and src.suffix == ".gguf"):
         return "it reads GGUF files only"
-    from .ops.cpu_int4 import int4pack_available
-    from .ops.cpu_int8 import int8pack_available
     if not (int4pack_available() and int8pack_available()):
         return f"torch {torch.__version__} lacks working int4/int8 CPU kernels"
     return None
@@ -119,7 +120,6 @@ def load_model(name_or_path="smollm2", device="auto", dtype=None, backend="auto"
 
 
 def _load_native(src: Path, backend: str):
-    from .quant.cpu_native import build_native_model
     config, state, packed, gfile = load_gguf(src, torch.float32, dequantize=False)
     model = build_native_model(config, state, packed, backend, release=gfile.release_pages)
     model.packed_weights = packed

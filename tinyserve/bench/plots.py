@@ -304,7 +304,8 @@ def _elsewhere(module: str, name: str):
 
 # suite -> plotter(result, fig_dir) -> [paths]
 PLOTTERS = {"ops": plot_ops, "decode": plot_decode, "serving": _elsewhere(".serving", "plot"),
-            "generate": plot_generate, "cpu": _elsewhere(".cpu", "plot"), "paged": plot_paged, "quant": plot_quant,
+            "generate": plot_generate, "cpu": _elsewhere(".cpu", "plot"), "paged": plot_paged,
+            "quant": plot_quant,
             "speculative": _elsewhere(".plots_tradeoffs", "plot_speculative"),
             "quant-quality": _elsewhere(".plots_tradeoffs", "plot_quant_quality")}
 

@@ -181,7 +181,7 @@ def pack_int4_codes(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor
                          f"{tuple(scale.shape)} and {tuple(zero.shape)}")
     convert = _ops()[0]
     packed = torch.cat([convert(codes[i:i + _PACK_ROWS].to(torch.int32).contiguous(), INNER_K_TILES)
-                        for i in range(0, N, _PACK_ROWS)])   # the op packs tiles of 64 rows: 4096 is whole tiles
+                        for i in range(0, N, _PACK_ROWS)])   # it packs 64-row tiles: 4096 is 64 of them
     sz = torch.stack([scale.T, zero.T], dim=-1).to(compute_dtype).contiguous()   # [K/g, N, 2]
     return Int4PackedWeight(packed, sz, group_size, N, K)
 

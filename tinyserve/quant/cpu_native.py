@@ -5,20 +5,21 @@ memory bandwidth (notebook 01). The reference path (``dtype="float32"``) dequant
 to fp32 at load: 4 bytes per weight, ~540 MB read per SmolLM2 token. Here each tensor keeps
 (close to) its file size and runs through PyTorch's own CPU kernels:
 
-  Q4_1 [N, K]   -> ``ops.cpu_int4``: exact mapping (scale d, zero m + 8d), 4.5 bits/weight read
-                   (0.5 B of codes + a bf16 (scale, zero) pair per 32)
+  Q4_1 [N, K]   -> ``ops.cpu_int4``: exact mapping (scale d, zero m + 8d), 5 bits/weight read
+                   (4-bit codes + a bf16 (scale, zero) pair, 32 bits, per group of 32)
   Q8_0, Q4_0,
   other formats -> ``ops.cpu_int8``: requantized to int8 with one scale per row (NOT exact:
-                   the file has one scale per 32; ``tinyserve.quant.cpu_native_quality``
-                   measures what it costs), 1 byte/weight; the tied embedding and LM head
-                   share one such table (token lookup = q[ids] * scale[ids])
+                   the file has one scale per 32; notebook 03, section 9b, measures what it
+                   costs), 1 byte/weight; the tied embedding and LM head share one such
+                   table (token lookup = q[ids] * scale[ids])
   norms         -> bf16 tensors
 
 Activations are bf16: on CPUs the kernels' fp32-activation mode is a scalar loop, slower than
 fp32 F.linear, while bf16 mode is vectorized (AVX-512/AMX where present, AVX2 otherwise). So
 this path is not bit-exact with the fp32 reference: tests/test_cpu_native.py bounds the logit
-difference and checks greedy tokens over a prompt set. The residual stream, attention and KV
-cache are bf16 too (RMSNorm and RoPE compute in fp32 inside, as on the GPU's bf16 path).
+difference, and requires the reference's argmax wherever its top-2 margin exceeds that bound.
+The residual stream, attention and KV cache are bf16 too (RMSNorm and RoPE compute in fp32
+inside, as on the GPU's bf16 path).
 
 Fused: wq|wk|wv -> one [Nq + 2 Nkv, D] weight and w_gate|w_up -> one [2F, D], so each layer
 makes 4 kernel calls instead of 7 (x read once per group) when the parts share a format.
@@ -30,9 +31,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..ops.cpu_int4 import N_MULTIPLE, pack_q4_1
+from ..model import Transformer
+from ..ops.cpu_int4 import GROUP_SIZES, N_MULTIPLE, pack_int4_groupwise, pack_q4_1
 from ..ops.cpu_int8 import pack_q8_0
+from ..ops.rope import rope_inv_freq
 from ..weights.gguf_blocks import PackedTensor
+from .int_formats import Int4Weight
+from .linear import QuantLinear
 
 COMPUTE_DTYPE = torch.bfloat16
 DENSE_ROWS = 96   # rows of x from which a linear dequantizes and runs dense (NativeLinear)
@@ -165,9 +170,6 @@ def build_native_model(config, state: dict, packed: dict, backend: str = "auto",
     fp32 slice), then the few plain parameters (norms) are materialized and loaded.
     ``release()``, if given, is called after each layer (the loader drops the file's pages
     already read from resident memory, so they do not add up to a second copy)."""
-    from ..model import Transformer
-    from ..ops.rope import rope_inv_freq
-
     tensors = {**state, **packed}
     backend = "native" if backend == "auto" else backend   # SDPA attention on the CPU
 
@@ -232,10 +234,6 @@ def int4_to_native(model) -> int:
     scale s, zero min + 8s (``ops.cpu_int4.pack_int4_groupwise``), in bf16 compute mode (x is
     cast to bf16 and the product back to the model's dtype). Layers whose shape the kernel does
     not take stay as they are. -> how many were swapped."""
-    from ..ops.cpu_int4 import GROUP_SIZES, pack_int4_groupwise
-    from .int_formats import Int4Weight
-    from .linear import QuantLinear
-
     swapped = 0
     for name, mod in list(model.named_modules()):
         if not (isinstance(mod, QuantLinear) and mod.weight_class is Int4Weight):
