@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import _fixtures as F
-from tinyserve import load_model
+from tinyserve import load_model, loader
 from tinyserve.kv_cache import KVCache
 from tinyserve.loader import native_reason
 from tinyserve.model import Linear
@@ -138,7 +138,7 @@ def test_native_reason(tiny_files, tmp_path, monkeypatch):
     hf = tmp_path / "hf"
     hf.mkdir()
     assert "GGUF" in native_reason(hf, cpu, None)
-    monkeypatch.setattr(ci8, "int8pack_available", lambda: False)
+    monkeypatch.setattr(loader, "int8pack_available", lambda: False)   # the name it calls
     assert "int4/int8" in native_reason(gg, cpu, None)
 
 
