@@ -9,11 +9,13 @@ import math
 from dataclasses import dataclass, asdict, field
 from pathlib import Path
 
+from .errors import TinyserveError
+
 # HF model_type / GGUF general.architecture values that share the LLaMA block structure.
 SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2")
 
 
-class ConfigError(ValueError):
+class ConfigError(TinyserveError, ValueError):
     """A config.json or GGUF header that does not describe a model we can run."""
 
 

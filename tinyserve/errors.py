@@ -1,12 +1,37 @@
 """The package's own exceptions, so a caller can catch tinyserve's failures as one family.
 
-Input errors stay ValueError/TypeError subclasses where they are raised (``ConfigError``,
-``GGUFError``, ...): this module holds what belongs to no single module.
+Every error tinyserve raises on purpose is a ``TinyserveError``; each is also the builtin
+exception that fits (ValueError for bad input, RuntimeError for a failure at run time), so
+``except ValueError`` clauses written before the family existed keep working:
+
+    TinyserveError
+      InvalidParameter (ValueError)   an argument of the API: SamplingParams, prompts, options
+        ParameterTypeError (+TypeError) ... of the wrong type
+      ConfigError (ValueError)        config.json / GGUF metadata        tinyserve.config
+      GGUFError (ValueError)          a GGUF file                         weights.gguf_blocks
+      CheckpointError (ValueError)    an HF checkpoint directory          weights.safetensors
+      WeightsError (ValueError)       a state dict that does not fit      model
+      TokenizerError (ValueError)     tokenizer files or templates        tokenizer.errors
+      ModelFetchError (RuntimeError)  fetching or verifying a model file  weights.cache
+      OutOfBlocksError (RuntimeError) the KV block pool (engine internal) engine.block_manager
+      RequestFailed (RuntimeError)    one request's processing raised     here
+
+Concern-specific classes live beside the code that raises them; this module holds the base
+and what belongs to no single module. It imports nothing, so any module may import it.
 """
 
 
 class TinyserveError(Exception):
-    """Base of the errors below."""
+    """Base of every error tinyserve raises on purpose."""
+
+
+class InvalidParameter(TinyserveError, ValueError):
+    """An argument the caller passed is out of range or malformed; the message names it, the
+    value, and what is allowed."""
+
+
+class ParameterTypeError(InvalidParameter, TypeError):
+    """An argument of the wrong type (a dict where SamplingParams go, floats as token ids)."""
 
 
 class RequestFailed(TinyserveError, RuntimeError):

@@ -15,6 +15,7 @@ from typing import Iterator, Sequence
 import torch
 
 from .cuda_graph import GraphedDecodeStep
+from .errors import InvalidParameter
 from .kv_cache import KVCache
 from .sampling import SamplingParams, make_generator, sample
 from .timing import clock
@@ -55,10 +56,10 @@ class Row:
 
 def check_prompt(prompt: Sequence[int], context: int):
     if len(prompt) == 0:
-        raise ValueError("empty prompt: give at least one token (or non-empty text)")
+        raise InvalidParameter("empty prompt: give at least one token (or non-empty text)")
     if len(prompt) >= context:
-        raise ValueError(f"prompt has {len(prompt)} tokens but the model's context is {context}: "
-                         f"no room to generate")
+        raise InvalidParameter(f"prompt has {len(prompt)} tokens but the model's context is "
+                               f"{context}: no room to generate")
 
 
 def _update_text(row: Row, tokenizer) -> str:

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from .engine import LLMEngine, SequenceMetrics
 from .engine.config import UNSET, EngineConfig, given
-from .errors import RequestFailed
+from .errors import InvalidParameter, ParameterTypeError, RequestFailed
 from .generate import check_prompt
 from .loader import load_model
 from .quant import get_method, quantize_model
@@ -146,21 +146,38 @@ class LLM:
 
     # ---- inputs --------------------------------------------------------------------------
     def _encode(self, prompt) -> tuple[str | None, list[int]]:
+        """A prompt (text, token ids, or {"prompt": text} / {"prompt_token_ids": ids}) ->
+        (text or None, ids), every id checked against the vocabulary before any work."""
+        if isinstance(prompt, dict):
+            keys = set(prompt)
+            if keys not in ({"prompt"}, {"prompt_token_ids"}):
+                raise InvalidParameter(f"a prompt dict has one key, 'prompt' (text) or "
+                                       f"'prompt_token_ids' (a list of ints), got {sorted(keys)}")
+            prompt = prompt.get("prompt", prompt.get("prompt_token_ids"))
+            if "prompt_token_ids" in keys and isinstance(prompt, str):
+                raise ParameterTypeError(f"prompt_token_ids must be a list of ints, got the "
+                                         f"string {prompt[:40]!r}")
         if isinstance(prompt, str):
             if not prompt:
-                raise ValueError("empty prompt")
+                raise InvalidParameter("empty prompt")
             return prompt, self.tokenizer.encode(prompt)
-        if isinstance(prompt, dict) and "prompt_token_ids" in prompt:
-            return None, [int(t) for t in prompt["prompt_token_ids"]]
-        if isinstance(prompt, (list, tuple)) and all(isinstance(t, int) for t in prompt):
-            return None, list(prompt)
-        raise TypeError(f"a prompt is a str, a list of token ids or {{'prompt_token_ids': ...}}, "
-                        f"got {type(prompt).__name__}")
+        if not isinstance(prompt, (list, tuple)):
+            raise ParameterTypeError(f"a prompt is a str, a list of token ids or a dict "
+                                     f"{{'prompt_token_ids': [...]}}, got {type(prompt).__name__}")
+        vocab = self.model.config.vocab_size
+        for t in prompt:
+            if isinstance(t, bool) or not isinstance(t, int):
+                raise ParameterTypeError(f"token ids must be ints, got {t!r} "
+                                         f"({type(t).__name__}) in the prompt")
+            if not 0 <= t < vocab:
+                raise InvalidParameter(f"token id {t} is outside the vocabulary [0, {vocab})")
+        return None, list(prompt)
 
     def _render_chat(self, messages: Messages) -> str:
-        if not messages or not all(isinstance(m, dict) and "role" in m and "content" in m
-                                   for m in messages):
-            raise ValueError("messages must be a non-empty list of {'role': ..., 'content': ...}")
+        if not isinstance(messages, (list, tuple)) or not messages or not all(
+                isinstance(m, dict) and "role" in m and "content" in m for m in messages):
+            raise InvalidParameter("messages must be a non-empty list of "
+                                   "{'role': ..., 'content': ...}")
         return self.tokenizer.apply_chat_template(list(messages), add_generation_prompt=True)
 
     # ---- generation ----------------------------------------------------------------------
@@ -208,7 +225,11 @@ class LLM:
 
     def chat(self, messages, params=None, use_tqdm: bool = True) -> list[RequestOutput]:
         """``messages``: one conversation (list of dicts) or a list of conversations."""
-        convs = [messages] if messages and isinstance(messages[0], dict) else messages
+        if not isinstance(messages, (list, tuple)) or not messages:
+            raise InvalidParameter(f"chat needs a conversation (a non-empty list of "
+                                   f"{{'role': ..., 'content': ...}}) or a list of them, "
+                                   f"got {messages!r:.60}")
+        convs = [messages] if isinstance(messages[0], dict) else messages
         return self.generate([self._render_chat(c) for c in convs], params, use_tqdm)
 
     def stream(self, prompt, params: SamplingParams | None = None,
@@ -216,7 +237,7 @@ class LLM:
         """Yield the text of one completion as it is produced (deltas, in order). Raises
         ``tinyserve.errors.RequestFailed`` if its processing raised (e.g. a logits processor)."""
         _, ids = self._encode(prompt)
-        params = params or SamplingParams()
+        params = self._per_prompt(params, 1)[0]
         if params.n != 1:
             raise ValueError("stream() produces one completion: use n=1")
         check_prompt(ids, self.model.config.max_position_embeddings)
@@ -250,7 +271,14 @@ class LLM:
     # ---- internals -----------------------------------------------------------------------
     @staticmethod
     def _per_prompt(params, n):
-        return per_row_params(SamplingParams() if params is None else params, n, "prompts")
+        if params is None:
+            params = SamplingParams()
+        ps = [params] if isinstance(params, SamplingParams) else params
+        if not isinstance(ps, (list, tuple)) or not all(isinstance(p, SamplingParams) for p in ps):
+            raise ParameterTypeError(f"params must be a SamplingParams or a list of them, got "
+                                     f"{type(params).__name__} (build one: "
+                                     f"SamplingParams(**your_dict))")
+        return per_row_params(params, n, "prompts")
 
     def _engine(self, prompts, params) -> LLMEngine:
         """The engine for these requests: the one kept from earlier calls if it holds enough

@@ -18,10 +18,11 @@ from torch import nn
 from . import ops
 from .attention import AttentionMetadata, ContiguousBackend
 from .config import ModelConfig
+from .errors import TinyserveError
 from .kv_cache import KVCache
 
 
-class WeightsError(ValueError):
+class WeightsError(TinyserveError, ValueError):
     """A state dict that does not fit the model: missing, unexpected or mis-shaped tensors."""
 
 

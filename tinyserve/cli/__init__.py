@@ -21,17 +21,30 @@ from __future__ import annotations
 import os
 import sys
 
-from ..errors import RequestFailed
+from ..errors import InvalidParameter, RequestFailed, TinyserveError
 from .exits import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, Failure, UsageError
 from .parser import build_parser
 
 __all__ = ["main"]
 
 
+def _check_text(args) -> None:
+    """Text from argv that is not valid UTF-8 (Python keeps such bytes as lone surrogates)
+    would reach the tokenizer as a str it cannot encode."""
+    prompt = getattr(args, "prompt", None)
+    if isinstance(prompt, str):
+        try:
+            prompt.encode("utf-8")
+        except UnicodeEncodeError:
+            raise UsageError("the prompt is not valid UTF-8 text") from None
+
+
 def main(argv=None) -> int:
     parser = build_parser()
+    args = None
     try:
         args = parser.parse_args(argv)
+        _check_text(args)
         return args.func(args)
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -50,3 +63,9 @@ def main(argv=None) -> int:
         except OSError:
             pass
         return EXIT_OK
+    except (TinyserveError, ValueError, OSError) as e:   # a bad file, option or input (after
+        #                                                 BrokenPipeError, an OSError too)
+        if getattr(args, "debug", False):
+            raise
+        print(f"error: {e} (--debug shows where)", file=sys.stderr)
+        return EXIT_USAGE if isinstance(e, InvalidParameter) else EXIT_FAILURE

@@ -61,10 +61,12 @@ def llm_from_args(args):
     try:
         return load_llm(args.model, args.device, args.dtype, config=config,
                         threads=getattr(args, "threads", None))
-    except (ValueError, FileNotFoundError) as e:  # bad device, bad file, unsupported model
-        raise UsageError(str(e)) from None
-    except (registry.ModelFetchError, ImportError) as e:  # no network, `gguf` missing, ...
-        raise Failure(str(e)) from None
+    except (ValueError, FileNotFoundError, registry.ModelFetchError, ImportError) as e:
+        if getattr(args, "debug", False):
+            raise                     # --debug: the traceback, not the one line
+        if isinstance(e, (ValueError, FileNotFoundError)):   # bad device, file or model
+            raise UsageError(str(e)) from None
+        raise Failure(str(e)) from None   # no network, `gguf` missing, ...
 
 
 def sampling_params_from_args(args):

@@ -72,7 +72,11 @@ def _add_model_args(p, positional: bool = False):
                        help="a named model, a .gguf file or an HF directory (default: smollm2)")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1")
     p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES,
-                   help="weights and activations (default: bf16 on CUDA, fp32 on CPU)")
+                   help="weights and activations (default: bf16 on CUDA; on the CPU a GGUF "
+                        "file runs natively, int4/int8 kernels with bf16 activations, and "
+                        "anything else in fp32)")
+    p.add_argument("--debug", action="store_true",
+                   help="on an error, show the full traceback instead of one line")
     # None: LLM's default_threads(), resolved there (the help shows what it is here and now)
     p.add_argument("--threads", type=positive_int, default=None, metavar="N",
                    help=f"torch CPU threads (default: OMP_NUM_THREADS if set, else the cores "

@@ -42,8 +42,10 @@ from __future__ import annotations
 
 from collections import OrderedDict, deque
 
+from ..errors import TinyserveError
 
-class OutOfBlocksError(RuntimeError):
+
+class OutOfBlocksError(TinyserveError, RuntimeError):
     """Not enough free or evictable blocks; nothing was changed (preempt someone and retry)."""
 
 

@@ -2,5 +2,8 @@
 package raises it and core.py imports them all."""
 
 
-class TokenizerError(ValueError):
+from ..errors import TinyserveError
+
+
+class TokenizerError(TinyserveError, ValueError):
     """A tokenizer could not be built or used (missing file, unsupported model, no template...)."""

@@ -17,6 +17,7 @@ import shlex
 from pathlib import Path
 from typing import Iterator
 
+from ..errors import TinyserveError
 from .spec import ModelSpec
 
 try:
@@ -45,7 +46,7 @@ __all__ = [
 CHUNK = 1 << 20  # 1 MiB: read size for hashing and extraction
 
 
-class ModelFetchError(RuntimeError):
+class ModelFetchError(TinyserveError, RuntimeError):
     """The model file could not be fetched or verified (message says how to fix it)."""
 
 

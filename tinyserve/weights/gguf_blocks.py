@@ -11,10 +11,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..errors import TinyserveError
+
 __all__ = ["BLOCK_FORMATS", "PLAIN_TYPES", "GGUFError", "PackedTensor", "dequantize"]
 
 
-class GGUFError(ValueError):
+class GGUFError(TinyserveError, ValueError):
     """A GGUF file that cannot be read or does not describe a model we can run."""
 
 

@@ -10,9 +10,10 @@ from pathlib import Path
 import torch
 
 from ..config import ModelConfig
+from ..errors import TinyserveError
 
 
-class CheckpointError(ValueError):
+class CheckpointError(TinyserveError, ValueError):
     """An HF checkpoint directory with missing, unreadable or inconsistent files."""
 
 

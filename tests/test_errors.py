@@ -1,0 +1,211 @@
+"""Bad input gets the package's own clear error (issue 15, first part): the error family,
+SamplingParams, prompts and messages at the LLM boundary, and the CLI's one-line errors.
+
+Table-driven: each case is (input, what must happen). Property-based (hypothesis): any
+SamplingParams values either construct or raise InvalidParameter, and whatever constructs
+generates on a real (tiny) engine without leaking a KV block.
+"""
+import math
+import time
+
+import pytest
+import torch
+
+import _fixtures as F
+from tinyserve import LLM, SamplingParams
+from tinyserve.cli import main
+from tinyserve.config import ConfigError
+from tinyserve.engine.block_manager import OutOfBlocksError
+from tinyserve.errors import InvalidParameter, ParameterTypeError, RequestFailed, TinyserveError
+from tinyserve.model import WeightsError
+from tinyserve.sampling_params import SAMPLING_EPS, SEED_MAX, SEED_MIN, TOP_K_MAX
+from tinyserve.tokenizer.errors import TokenizerError
+from tinyserve.weights.cache import ModelFetchError
+from tinyserve.weights.gguf_blocks import GGUFError
+from tinyserve.weights.safetensors import CheckpointError
+
+hypothesis = pytest.importorskip("hypothesis")
+st = hypothesis.strategies
+
+
+@pytest.mark.parametrize("cls, builtin", [
+    (InvalidParameter, ValueError), (ParameterTypeError, TypeError), (ConfigError, ValueError),
+    (GGUFError, ValueError), (CheckpointError, ValueError), (WeightsError, ValueError),
+    (TokenizerError, ValueError), (ModelFetchError, RuntimeError),
+    (OutOfBlocksError, RuntimeError), (RequestFailed, RuntimeError)])
+def test_every_error_is_one_family_and_its_builtin(cls, builtin):
+    assert issubclass(cls, TinyserveError) and issubclass(cls, builtin)
+
+
+# ---- SamplingParams ----------------------------------------------------------------------
+OK = object()
+SAMPLING_CASES = [
+    # (kwargs, OK and the normalised fields, or an error class and a message fragment)
+    (dict(temperature=1e-38), (OK, dict(temperature=0.0))),
+    (dict(temperature=1e-45), (OK, dict(temperature=0.0))),
+    (dict(temperature=SAMPLING_EPS / 2), (OK, dict(temperature=0.0))),
+    (dict(temperature=SAMPLING_EPS), (OK, dict(temperature=SAMPLING_EPS))),
+    (dict(temperature=-1e-45), (InvalidParameter, "temperature")),
+    (dict(temperature=math.nan), (InvalidParameter, "temperature")),
+    (dict(top_k=2**63), (OK, dict(top_k=TOP_K_MAX))),
+    (dict(top_k=10**30), (OK, dict(top_k=TOP_K_MAX))),
+    (dict(top_k=TOP_K_MAX), (OK, dict(top_k=TOP_K_MAX))),
+    (dict(top_k=0), (OK, dict(top_k=-1))),
+    (dict(top_k=-2), (InvalidParameter, "top_k")),
+    (dict(top_k=2.5), (InvalidParameter, "top_k")),
+    (dict(seed=SEED_MAX), (OK, dict(seed=SEED_MAX))),
+    (dict(seed=SEED_MIN), (OK, dict(seed=SEED_MIN))),
+    (dict(seed=SEED_MAX + 1), (InvalidParameter, "seed")),
+    (dict(seed=SEED_MIN - 1), (InvalidParameter, "seed")),
+    (dict(seed="1"), (InvalidParameter, "seed")),
+    (dict(seed=True), (InvalidParameter, "seed")),
+    (dict(n=0), (InvalidParameter, "n must be")),
+    (dict(max_tokens=10**100), (OK, dict(max_tokens=10**100))),   # capped by the context
+    (dict(max_tokens=0), (InvalidParameter, "max_tokens")),
+    (dict(top_p=0.0), (InvalidParameter, "top_p")),
+    (dict(stop=[""]), (InvalidParameter, "stop")),
+    (dict(stop_token_ids=[1.5]), (InvalidParameter, "stop_token_ids")),
+]
+
+
+@pytest.mark.parametrize("kwargs, want", SAMPLING_CASES, ids=[str(c[0]) for c in SAMPLING_CASES])
+def test_sampling_params_table(kwargs, want):
+    kind, detail = want
+    if kind is OK:
+        p = SamplingParams(**kwargs)
+        for k, v in detail.items():
+            assert getattr(p, k) == v, k
+    else:
+        with pytest.raises(kind, match=detail):
+            SamplingParams(**kwargs)
+
+
+# ---- the LLM boundary, on a tiny real model ------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_llm(tmp_path_factory):
+    pytest.importorskip("gguf")
+    c = F.tiny_config()
+    path = F.write_gguf(tmp_path_factory.mktemp("err") / "t.gguf", c, F.random_state(c), "F32")
+    return LLM(str(path), device="cpu", dtype=torch.float32, max_batch_size=4)
+
+
+def _free_blocks_all(llm) -> bool:
+    m = llm.engine.kv_cache_manager
+    return m.num_free_blocks == m.bm.num_blocks
+
+
+V = F.tiny_config().vocab_size
+PROMPT_CASES = [
+    ({"prompt_token_ids": "123"}, ParameterTypeError, "list of ints"),
+    ([1.7, 2.2], ParameterTypeError, "token ids must be ints"),
+    ([True, 1], ParameterTypeError, "token ids must be ints"),
+    ([-1], InvalidParameter, "outside the vocabulary"),
+    ([V], InvalidParameter, "outside the vocabulary"),
+    ({"prompt_token_ids": [1, 2], "extra": 1}, InvalidParameter, "one key"),
+    ({}, InvalidParameter, "one key"),
+    ({"prompt": ""}, InvalidParameter, "empty prompt"),
+    ("", InvalidParameter, "empty prompt"),
+    (3.5, ParameterTypeError, "a prompt is"),
+    (None, ParameterTypeError, "a prompt is"),
+]
+
+
+@pytest.mark.parametrize("prompt, err, match", PROMPT_CASES,
+                         ids=[repr(c[0])[:30] for c in PROMPT_CASES])
+def test_bad_prompts_raise_before_any_work(tiny_llm, prompt, err, match):
+    with pytest.raises(err, match=match):
+        tiny_llm.generate([prompt], SamplingParams(max_tokens=2), use_tqdm=False)
+
+
+def test_good_prompts_of_every_form_generate(tiny_llm):
+    p = SamplingParams(temperature=0, max_tokens=3)
+    outs = tiny_llm.generate(["hello", [1, 2, 3], (4, 5), {"prompt": "hi"},
+                              {"prompt_token_ids": [6, 7]}], p, use_tqdm=False)
+    assert [len(o.outputs[0].token_ids) for o in outs] == [3] * 5
+    assert _free_blocks_all(tiny_llm)
+
+
+@pytest.mark.parametrize("params, match", [({"temperature": 0}, "SamplingParams"),
+                                           ("greedy", "SamplingParams"),
+                                           ([SamplingParams(), {}], "SamplingParams")])
+def test_params_of_the_wrong_type(tiny_llm, params, match):
+    with pytest.raises(ParameterTypeError, match=match):
+        tiny_llm.generate(["a", "b"], params, use_tqdm=False)
+
+
+@pytest.mark.parametrize("messages", [[], "hello", [{"role": "user"}], [[]], None])
+def test_bad_chat_messages(tiny_llm, messages):
+    with pytest.raises(InvalidParameter, match="messages|conversation"):
+        tiny_llm.chat(messages, use_tqdm=False)
+
+
+def test_tiny_temperature_and_huge_top_k_generate_greedily(tiny_llm):
+    """The issue's reproductions: they used to kill sampling ("probability tensor contains
+    inf/nan", "Overflow when unpacking long long"); now they are greedy / no top-k."""
+    greedy = tiny_llm.generate(["hello"], SamplingParams(temperature=0, max_tokens=4),
+                               use_tqdm=False)[0].outputs[0].token_ids
+    for p in (SamplingParams(temperature=1e-40, max_tokens=4),
+              SamplingParams(temperature=1e-38, top_k=2**63, max_tokens=4, seed=SEED_MAX)):
+        out = tiny_llm.generate(["hello"], p, use_tqdm=False)[0].outputs[0]
+        assert out.finish_reason == "length" and out.token_ids == greedy
+    assert _free_blocks_all(tiny_llm)
+
+
+# Values across every type a caller might pass, including the edges of each range.
+_ANY = st.one_of(st.none(), st.booleans(), st.integers(-2**70, 2**70),
+                 st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=3),
+                 st.lists(st.integers(-3, 3), max_size=3))
+
+
+@hypothesis.settings(max_examples=60, deadline=None, database=None,
+                     suppress_health_check=[hypothesis.HealthCheck.function_scoped_fixture])
+@hypothesis.given(temperature=_ANY, top_p=_ANY, top_k=_ANY, min_p=_ANY, seed=_ANY, n=_ANY,
+                  max_tokens=st.one_of(_ANY, st.integers(1, 3)))
+def test_any_sampling_params_either_generate_or_raise_our_error(tiny_llm, temperature, top_p,
+                                                               top_k, min_p, seed, n,
+                                                               max_tokens):
+    kw = dict(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, seed=seed, n=n,
+              max_tokens=max_tokens)
+    try:
+        p = SamplingParams(**kw)
+    except InvalidParameter:
+        return
+    p.n, p.max_tokens = min(p.n, 3), min(p.max_tokens, 3)    # bounded work per example
+    t = time.perf_counter()
+    out = tiny_llm.generate([[1, 2, 3]], p, use_tqdm=False)[0]
+    assert time.perf_counter() - t < 30
+    assert len(out.outputs) == p.n
+    assert all(o.finish_reason in ("length", "stop") for o in out.outputs), out.outputs
+    assert _free_blocks_all(tiny_llm)
+
+
+@hypothesis.settings(max_examples=60, deadline=None, database=None,
+                     suppress_health_check=[hypothesis.HealthCheck.function_scoped_fixture])
+@hypothesis.given(prompt=st.one_of(_ANY, st.lists(_ANY, max_size=4),
+                                   st.dictionaries(st.sampled_from(["prompt", "prompt_token_ids",
+                                                                    "x"]), _ANY, max_size=2)))
+def test_any_prompt_either_generates_or_raises_our_error(tiny_llm, prompt):
+    try:
+        out = tiny_llm.generate([prompt], SamplingParams(temperature=0, max_tokens=2,
+                                                         ignore_eos=True), use_tqdm=False)[0]
+    except InvalidParameter:
+        return
+    assert len(out.outputs[0].token_ids) == 2
+    assert _free_blocks_all(tiny_llm)
+
+
+# ---- the CLI: one line, --debug for the traceback ------------------------------------------
+def test_cli_invalid_utf8_prompt_is_a_usage_error(capsys):
+    assert main(["generate", "abc\udcff"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "not valid UTF-8" in err
+
+
+def test_cli_bad_file_is_one_line_and_debug_shows_the_traceback(tmp_path, capsys):
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"GGUF" + b"\x03\x00\x00\x00" + b"\xff" * 8)   # truncated header
+    assert main(["generate", "hi", "--model", str(bad), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: ") and "Traceback" not in err
+    with pytest.raises(GGUFError):
+        main(["generate", "hi", "--model", str(bad), "--device", "cpu", "--debug"])
