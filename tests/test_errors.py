@@ -209,3 +209,63 @@ def test_cli_bad_file_is_one_line_and_debug_shows_the_traceback(tmp_path, capsys
     assert err.count("\n") == 1 and err.startswith("error: ") and "Traceback" not in err
     with pytest.raises(GGUFError):
         main(["generate", "hi", "--model", str(bad), "--device", "cpu", "--debug"])
+
+
+# ---- model configuration and device ----------------------------------------------------------
+_HF = dict(model_type="llama", vocab_size=64, hidden_size=32, intermediate_size=64,
+           num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+_L3 = dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+           original_max_position_embeddings=8192)
+
+
+@pytest.mark.parametrize("over, match", [
+    (dict(tie_word_embeddings="false"), "tie_word_embeddings must be true or false"),
+    (dict(tie_word_embeddings=1), "tie_word_embeddings must be true or false"),
+    (dict(max_position_embeddings=0), "max_position_embeddings must be a positive integer"),
+    (dict(max_position_embeddings=-5), "max_position_embeddings must be a positive integer"),
+    (dict(rope_scaling={**_L3, "low_freq_factor": 0}), "low_freq_factor must be a positive"),
+    (dict(rope_scaling={**_L3, "factor": 0}), "factor must be a positive"),
+    (dict(rope_scaling={**_L3, "factor": -1}), "factor must be a positive"),
+    (dict(rope_scaling={**_L3, "original_max_position_embeddings": 0}),
+     "original_max_position_embeddings must be a positive"),
+])
+def test_bad_config_values_are_config_errors(over, match):
+    from tinyserve.config import ModelConfig
+    with pytest.raises(ConfigError, match=match):
+        ModelConfig.from_hf_dict({**_HF, **over})
+
+
+def test_good_config_values_still_load():
+    from tinyserve.config import ModelConfig
+    c = ModelConfig.from_hf_dict({**_HF, "tie_word_embeddings": True, "rope_scaling": _L3,
+                                  "max_position_embeddings": None})
+    assert c.tie_word_embeddings and c.max_position_embeddings == 2048 and c.rope_scaling
+
+
+@pytest.mark.parametrize("device", ["tpu", "meta", "cuda:x", 3.5])
+def test_unknown_devices(device):
+    from tinyserve.loader import resolve_device
+    with pytest.raises(InvalidParameter, match="device must be"):
+        resolve_device(device)
+
+
+# ---- tokenizer files -----------------------------------------------------------------------
+@pytest.mark.parametrize("name, content, match", [
+    ("tokenizer.json", "not json", "tokenizer.json: not a tokenizer"),
+    ("tokenizer.json", "{}", "tokenizer.json: not a tokenizer"),
+    ("tokenizer_config.json", "[1, 2]", "must hold a JSON object"),
+    ("tokenizer_config.json", "{", "tokenizer_config.json: not valid JSON"),
+    ("tokenizer_config.json", '{"chat_template": [{"template": "x"}]}', "'name'"),
+    ("generation_config.json", '{"eos_token_id": [1.5]}', "eos_token_id must be a token id"),
+    ("generation_config.json", '{"eos_token_id": 1000000000000000000000000000000}',
+     "eos_token_id must be a token id"),
+    ("generation_config.json", '{"eos_token_id": true}', "eos_token_id must be a token id"),
+    ("generation_config.json", '{"bos_token_id": -1}', "bos_token_id must be a token id"),
+    ("generation_config.json", "{oops", "generation_config.json: not valid JSON"),
+])
+def test_bad_tokenizer_files_name_the_file(tmp_path, name, content, match):
+    from tinyserve.tokenizer import Tokenizer
+    F.write_hf_tokenizer(tmp_path)
+    (tmp_path / name).write_text(content)
+    with pytest.raises(TokenizerError, match=match):
+        Tokenizer.from_dir(tmp_path)

@@ -41,7 +41,7 @@ class ModelConfig:
 
     def __post_init__(self):
         for f in ("vocab_size", "hidden_size", "intermediate_size", "num_layers",
-                  "num_heads", "num_kv_heads", "head_dim"):
+                  "num_heads", "num_kv_heads", "head_dim", "max_position_embeddings"):
             v = getattr(self, f)
             if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
                 raise ConfigError(f"{f} must be a positive integer, got {v!r}")
@@ -61,8 +61,12 @@ class ModelConfig:
             if kind == "llama3":
                 for k in ("factor", "low_freq_factor", "high_freq_factor",
                           "original_max_position_embeddings"):
+                    # every one divides something (wavelengths, the factor): > 0, finite
                     if k in self.rope_scaling or k == "factor":
-                        _as_float(self.rope_scaling.get(k), f"rope_scaling.{k}")
+                        v = _as_float(self.rope_scaling.get(k), f"rope_scaling.{k}")
+                        if not 0 < v < math.inf:
+                            raise ConfigError(f"rope_scaling.{k} must be a positive number, "
+                                              f"got {v!r}")
                 lo = self.rope_scaling.get("low_freq_factor", 1.0)
                 hi = self.rope_scaling.get("high_freq_factor", 4.0)
                 if not hi > lo:
@@ -171,9 +175,10 @@ class ModelConfig:
             head_dim=_as_int(cfg.get("head_dim") or hidden // heads, "head_dim"),
             rope_theta=_as_float(theta, "rope_theta"),
             rms_norm_eps=_as_float(cfg.get("rms_norm_eps", 1e-6), "rms_norm_eps"),
-            max_position_embeddings=_as_int(cfg.get("max_position_embeddings") or 2048,
-                                            "max_position_embeddings"),
-            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            max_position_embeddings=_as_int(_or_default(cfg.get("max_position_embeddings"),
+                                                         2048), "max_position_embeddings"),
+            tie_word_embeddings=_as_bool(cfg.get("tie_word_embeddings", False),
+                                         "tie_word_embeddings"),
             # Qwen2 always has q/k/v biases (its config has no switch for them).
             attention_bias=arch == "qwen2",
             rope_scaling=_rope_scaling(rope_scaling),
@@ -261,6 +266,18 @@ def _as_int(v, key: str) -> int:
             or v != int(v):
         raise ConfigError(f"{key} must be an integer, got {v!r}")
     return int(v)
+
+
+def _or_default(v, default):
+    """JSON null means "not given"; 0 is a value (and gets checked), not a missing key."""
+    return default if v is None else v
+
+
+def _as_bool(v, key: str) -> bool:
+    """A JSON boolean only: bool("false") is True, so a string must not slip through."""
+    if not isinstance(v, bool):
+        raise ConfigError(f"{key} must be true or false, got {v!r}")
+    return v
 
 
 def _as_float(v, key: str) -> float:

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torch
 
+from .errors import InvalidParameter
 from .model import Transformer
 from .ops.cpu_int4 import int4pack_available
 from .ops.cpu_int8 import int8pack_available
@@ -23,10 +24,16 @@ _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.flo
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' requested but torch sees no CUDA device")
-    return device
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):   # torch's message lists every device type it knows
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda"):
+        raise InvalidParameter(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', "
+                               f"got {device!r}")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise InvalidParameter("device 'cuda' requested but torch sees no CUDA device")
+    return dev
 
 
 def resolve_dtype(dtype, device: torch.device) -> torch.dtype:

@@ -27,11 +27,30 @@ def load_dir_tokenizer(path: str | os.PathLike) -> tuple[_RustTokenizer, dict]:
     tok_file = root / "tokenizer.json"
     if not tok_file.is_file():
         raise TokenizerError(f"missing tokenizer.json in {root} (looked for {tok_file})")
-    backend = _RustTokenizer.from_file(str(tok_file))
+    try:
+        backend = _RustTokenizer.from_file(str(tok_file))
+    except Exception as e:   # the library raises a bare Exception for unreadable files
+        raise TokenizerError(f"{tok_file}: not a tokenizer the `tokenizers` library can read "
+                             f"({e})") from None
+    vocab = backend.get_vocab_size(with_added_tokens=True)
 
     def load_json(name: str) -> dict:
         f = root / name
-        return json.loads(f.read_text(encoding="utf-8")) if f.is_file() else {}
+        if not f.is_file():
+            return {}
+        try:
+            data = json.loads(f.read_text(encoding="utf-8"))
+        except (ValueError, OSError) as e:   # JSONDecodeError and UnicodeDecodeError included
+            raise TokenizerError(f"{f}: not valid JSON ({e})") from None
+        if not isinstance(data, dict):
+            raise TokenizerError(f"{f}: must hold a JSON object, got {type(data).__name__}")
+        return data
+
+    def check_id(v, what: str) -> int:
+        if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < vocab:
+            raise TokenizerError(f"{root / 'generation_config.json'}: {what} must be a token id "
+                                 f"in [0, {vocab}), got {v!r}")
+        return v
 
     config = load_json("tokenizer_config.json")
     gen = load_json("generation_config.json")
@@ -42,14 +61,21 @@ def load_dir_tokenizer(path: str | os.PathLike) -> tuple[_RustTokenizer, dict]:
 
     bos, eos = token_id("bos_token"), token_id("eos_token")
     gen_eos = gen.get("eos_token_id")
-    gen_eos_ids = [gen_eos] if isinstance(gen_eos, int) else list(gen_eos or [])
+    gen_eos = [] if gen_eos is None else gen_eos if isinstance(gen_eos, list) else [gen_eos]
+    gen_eos_ids = [check_id(t, "eos_token_id") for t in gen_eos]
     if eos is None and gen_eos_ids:
         eos = gen_eos_ids[0]
-    if bos is None and isinstance(gen.get("bos_token_id"), int):
-        bos = gen["bos_token_id"]
+    gen_bos = gen.get("bos_token_id")
+    if gen_bos is not None:
+        gen_bos = check_id(gen_bos, "bos_token_id")
+        bos = gen_bos if bos is None else bos
 
     template = config.get("chat_template")
     if isinstance(template, list):  # named templates: [{"name": ..., "template": ...}]
+        if not all(isinstance(t, dict) and isinstance(t.get("name"), str)
+                   and isinstance(t.get("template"), str) for t in template):
+            raise TokenizerError(f"{root / 'tokenizer_config.json'}: a chat_template list "
+                                 f"holds objects with a 'name' and a 'template' string")
         named = {t["name"]: t["template"] for t in template}
         template = named.get("default", next(iter(named.values()), None))
     jinja_file = root / "chat_template.jinja"
