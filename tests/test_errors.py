@@ -269,3 +269,22 @@ def test_bad_tokenizer_files_name_the_file(tmp_path, name, content, match):
     (tmp_path / name).write_text(content)
     with pytest.raises(TokenizerError, match=match):
         Tokenizer.from_dir(tmp_path)
+
+
+# ---- numbers inside the weights ------------------------------------------------------------
+def test_nan_in_the_weights_fails_the_requests_saying_why(tmp_path):
+    """A NaN norm weight made every logit NaN; sampling then died with torch's "probability
+    tensor contains inf/nan" (or greedy decoded garbage). Now each request ends with
+    finish_reason "error" naming the cause, and the engine frees its blocks."""
+    pytest.importorskip("gguf")
+    c = F.tiny_config()
+    state = F.random_state(c)
+    state["norm.weight"][3] = float("nan")
+    path = F.write_gguf(tmp_path / "nan.gguf", c, state, "F32")
+    llm = LLM(str(path), device="cpu", dtype=torch.float32)
+    outs = llm.generate(["hello", [1, 2]], [SamplingParams(temperature=0, max_tokens=3),
+                                           SamplingParams(temperature=0.8, max_tokens=3)],
+                        use_tqdm=False)
+    for o in outs:
+        assert o.outputs[0].finish_reason == "error" and "non-finite logits" in o.outputs[0].error
+    assert _free_blocks_all(llm)

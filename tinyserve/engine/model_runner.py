@@ -58,7 +58,14 @@ class ModelRunner:
             return ModelRunnerOutput(error=f"model step failed: {type(e).__name__}: {e}")
         if len(sched.sample_rows) > len(logits):
             logits = logits[sched.sample_rows]          # forks: one row per sample
-        tokens, errors = _sample(logits, sched.sampled) if sched.sampled else ([], [])
+        if not sched.sampled:
+            return ModelRunnerOutput([], [])
+        tokens, errors = _sample(logits, sched.sampled)
+        # NaN/inf logits would be sampled silently (greedy argmax) or fail with torch's
+        # "probability tensor contains inf/nan": fail those requests alone, saying why. One
+        # reduction over [M, V] and one small copy to the host per step.
+        for i in (~torch.isfinite(logits).all(dim=-1)).nonzero().flatten().tolist():
+            tokens[i], errors[i] = -1, NON_FINITE
         return ModelRunnerOutput(tokens, errors)
 
     @torch.no_grad()
@@ -79,6 +86,11 @@ class ModelRunner:
         meta = self.attn.build(sched.block_tables, ctx, q_lens, positions)
         return self.model(torch.tensor(ids, device=dev)[None], positions[None], self.kv_caches,
                           meta, torch.tensor(last, dtype=torch.long, device=dev))
+
+
+NON_FINITE = ("the model produced non-finite logits (NaN or inf): the weights are likely "
+              "damaged (a NaN or out-of-range value in the file), or the activations overflow "
+              "in this dtype (try dtype='float32')")
 
 
 def _sample(logits, seqs) -> tuple[list[int], list[str | None]]:
