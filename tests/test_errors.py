@@ -288,3 +288,20 @@ def test_nan_in_the_weights_fails_the_requests_saying_why(tmp_path):
     for o in outs:
         assert o.outputs[0].finish_reason == "error" and "non-finite logits" in o.outputs[0].error
     assert _free_blocks_all(llm)
+
+
+# ---- resources -------------------------------------------------------------------------------
+@pytest.mark.parametrize("kw, match", [
+    (dict(kv_cache_tokens=10**12), "kv_cache_tokens needs .* GiB, more than"),
+    (dict(block_size=10**9), "block_size .* must not exceed the model's context"),
+    (dict(kv_cache_tokens=16), "less than one sequence"),
+])
+def test_absurd_kv_requests_are_refused_before_allocating(tmp_path, kw, match):
+    pytest.importorskip("gguf")
+    c = F.tiny_config()
+    path = F.write_gguf(tmp_path / "t.gguf", c, F.random_state(c), "F32")
+    t = time.perf_counter()
+    with pytest.raises(InvalidParameter, match=match):
+        llm = LLM(str(path), device="cpu", dtype=torch.float32, **kw)
+        llm.generate(["hello"], SamplingParams(max_tokens=100), use_tqdm=False)
+    assert time.perf_counter() - t < 10       # refused, not attempted

@@ -15,6 +15,7 @@ from dataclasses import InitVar, dataclass, replace
 
 # the flags live where the CLI can import them without torch
 from ..args import ENGINE_FLAGS
+from ..errors import InvalidParameter
 from .kv_cache_manager import blocks_for_budget
 
 KV_KINDS = ("paged", "slots")
@@ -109,6 +110,9 @@ class EngineConfig:
         if self.kv == "slots":
             return replace(self, max_model_len=mml)
         bs = DEFAULT_BLOCK_SIZE if self.block_size is None else self.block_size
+        if bs > ctx:   # a block longer than any sequence can be only wastes memory
+            raise InvalidParameter(f"block_size ({bs}) must not exceed the model's context "
+                                   f"({ctx} tokens)")
         tokens = self.kv_cache_tokens
         if self.kv_cache_bytes is not None:
             tokens = bs * blocks_for_budget(model_config, bs, dtype, nbytes=self.kv_cache_bytes)

@@ -34,11 +34,12 @@ from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
 from typing import Hashable
 
+from ..errors import InvalidParameter
 from ..generate import check_prompt
 from ..sampling import SamplingParams
 from .config import UNSET, EngineConfig, given
 from .kv_cache_manager import KVCacheManager, SlotKVCacheManager, blocks_for_budget
-from .model_runner import ModelRunner
+from .model_runner import ModelRunner, check_kv_fits
 from .scheduler import Scheduler, SchedulerOutput, SequenceUpdate
 from .sequence import Sequence, SequenceMetrics, nth_sample
 
@@ -101,6 +102,7 @@ class LLMEngine:
         self.max_model_len = config.max_model_len
         self.eos_ids = tuple(tokenizer.stop_token_ids) if tokenizer is not None else ()
         num_blocks = _num_blocks(config, model)
+        check_kv_fits(config, num_blocks, model)   # before the block manager counts them out
         self.scheduler = self.scheduler_cls(_make_manager(config, num_blocks),
                                             config.max_num_seqs, config.max_num_batched_tokens,
                                             tokenizer)
@@ -248,9 +250,9 @@ def _num_blocks(config: EngineConfig, model) -> int | None:
               else blocks_for_budget(model.config, bs, model.dtype,
                                      tokens=config.kv_cache_tokens))
     if blocks < per_seq:
-        raise ValueError(f"kv_cache_tokens={config.kv_cache_tokens} holds {blocks} blocks of "
-                         f"{bs} tokens, less than one sequence of max_model_len="
-                         f"{config.max_model_len} needs ({per_seq} blocks)")
+        raise InvalidParameter(f"kv_cache_tokens={config.kv_cache_tokens} holds {blocks} "
+                               f"blocks of {bs} tokens, less than one sequence of "
+                               f"max_model_len={config.max_model_len} needs ({per_seq} blocks)")
     return blocks
 
 

@@ -17,11 +17,13 @@ drawn alone (seeded generators are rewound before the rows are retried one by on
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 import torch
 
 from ..attention import PagedBackend, SlotBackend
+from ..errors import InvalidParameter
 from ..kv_cache import KVCache
 from ..sampling import sample
 from .scheduler import SchedulerOutput
@@ -32,6 +34,28 @@ class ModelRunnerOutput:
     token_ids: list[int] = field(default_factory=list)     # per SchedulerOutput.sampled
     errors: list[str | None] = field(default_factory=list)  # per sampled: why sampling failed
     error: str | None = None            # the forward itself failed: nothing of the step holds
+
+
+def device_memory(dev: torch.device) -> int:
+    """Bytes the device has: free memory on a GPU, physical memory on the host."""
+    if dev.type == "cuda":
+        return torch.cuda.mem_get_info(dev)[0]
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def check_kv_fits(config, num_blocks: int | None, model) -> None:
+    """Refuse a KV cache larger than the device before anything is allocated (an allocator
+    failure names no option; a huge request on the host could swap the machine to a halt)."""
+    slots = config.kv == "slots"
+    tokens = config.max_num_seqs * config.max_model_len if slots else num_blocks * config.block_size
+    nbytes = tokens * model.config.kv_bytes_per_token(model.dtype.itemsize)
+    dev = model.device
+    option = "max_num_seqs x max_model_len" if slots else "kv_cache_tokens"
+    have = device_memory(dev)
+    if nbytes > have:
+        raise InvalidParameter(f"the KV cache asked for by {option} needs {nbytes / 2**30:,.1f} "
+                               f"GiB, more than the {have / 2**30:,.1f} GiB this {dev.type} "
+                               f"device has: ask for fewer tokens")
 
 
 class ModelRunner:
