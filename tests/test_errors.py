@@ -305,3 +305,13 @@ def test_absurd_kv_requests_are_refused_before_allocating(tmp_path, kw, match):
         llm = LLM(str(path), device="cpu", dtype=torch.float32, **kw)
         llm.generate(["hello"], SamplingParams(max_tokens=100), use_tqdm=False)
     assert time.perf_counter() - t < 10       # refused, not attempted
+
+
+@pytest.mark.parametrize("kw, err", [(dict(max_batch_size=2.5), ParameterTypeError),
+                                     (dict(max_batch_size=0), InvalidParameter),
+                                     (dict(block_size=True), ParameterTypeError),
+                                     (dict(kv="blocks"), InvalidParameter)])
+def test_engine_options_are_family_errors(kw, err):
+    """Checked before the (slow) load: the model name need not even exist."""
+    with pytest.raises(err):
+        LLM("no-such-model", **kw)

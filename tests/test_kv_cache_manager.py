@@ -17,6 +17,7 @@ from tinyserve.engine.block_manager import OutOfBlocksError
 from tinyserve.engine.kv_cache_manager import (KVCacheManager, SlotKVCacheManager,
                                                blocks_for_budget)
 from tinyserve.engine.sequence import Sequence, SequenceMetrics
+from tinyserve.errors import InvalidParameter
 from tinyserve.generate import generate_ids
 from tinyserve.kv_cache import KVCache
 from tinyserve.sampling import SamplingParams
@@ -256,9 +257,9 @@ def test_blocks_for_budget_and_bad_arguments(tiny):
         blocks_for_budget(c, 16, torch.float32, tokens=0)
     with pytest.raises(ValueError, match="does not hold one block"):
         blocks_for_budget(c, 16, torch.float32, tokens=15)
-    with pytest.raises(ValueError, match="num_blocks must be a positive int"):
+    with pytest.raises(InvalidParameter, match="num_blocks must be >= 1"):
         KVCacheManager(0)
-    with pytest.raises(ValueError, match="block_size must be a positive int"):
+    with pytest.raises(InvalidParameter, match="block_size must be >= 1"):
         KVCacheManager(4, block_size=0)
     with pytest.raises(ValueError, match="unknown backend"):
         PagedBackend(4, "cuda")

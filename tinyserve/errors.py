@@ -16,8 +16,9 @@ exception that fits (ValueError for bad input, RuntimeError for a failure at run
       OutOfBlocksError (RuntimeError) the KV block pool (engine internal) engine.block_manager
       RequestFailed (RuntimeError)    one request's processing raised     here
 
-Concern-specific classes live beside the code that raises them; this module holds the base
-and what belongs to no single module. It imports nothing, so any module may import it.
+Concern-specific classes live beside the code that raises them; this module holds the base,
+what belongs to no single module, and ``positive_int``, the check every count option shares.
+It imports nothing, so any module may import it.
 """
 
 
@@ -38,3 +39,12 @@ class RequestFailed(TinyserveError, RuntimeError):
     """A request ended with ``finish_reason="error"``: its processing raised (a logits
     processor, a parameter that slipped past validation, or the model step it was part of).
     The engine and every other request carried on; the message says what raised."""
+
+
+def positive_int(name: str, v) -> int:
+    """The one check of a count option (engine sizes, block counts): an int (not a bool) >= 1."""
+    if not isinstance(v, int) or isinstance(v, bool):
+        raise ParameterTypeError(f"{name} must be an int, got {type(v).__name__} {v!r}")
+    if v < 1:
+        raise InvalidParameter(f"{name} must be >= 1, got {v}")
+    return v

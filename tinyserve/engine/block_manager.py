@@ -42,7 +42,7 @@ from __future__ import annotations
 
 from collections import OrderedDict, deque
 
-from ..errors import TinyserveError
+from ..errors import TinyserveError, positive_int
 
 
 class OutOfBlocksError(TinyserveError, RuntimeError):
@@ -66,12 +66,6 @@ def _chain_hash(parent: int, block_tokens) -> int:
     return hash((parent, tuple(block_tokens)))
 
 
-def _positive_int(name, value):
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"BlockManager: {name} must be a positive int, got {value!r}")
-    return value
-
-
 def _token_list(token_ids) -> list[int]:
     try:
         return [int(t) for t in token_ids]
@@ -81,8 +75,8 @@ def _token_list(token_ids) -> list[int]:
 
 class BlockManager:
     def __init__(self, num_blocks: int, block_size: int = 16, enable_prefix_caching: bool = True):
-        self.num_blocks = _positive_int("num_blocks", num_blocks)
-        self.block_size = _positive_int("block_size", block_size)
+        self.num_blocks = positive_int("BlockManager: num_blocks", num_blocks)
+        self.block_size = positive_int("BlockManager: block_size", block_size)
         self.enable_prefix_caching = bool(enable_prefix_caching)
         self._free = deque(range(num_blocks))        # never cached, or evicted
         self._ref = [0] * num_blocks

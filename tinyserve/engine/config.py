@@ -15,7 +15,7 @@ from dataclasses import InitVar, dataclass, replace
 
 # the flags live where the CLI can import them without torch
 from ..args import ENGINE_FLAGS
-from ..errors import InvalidParameter
+from ..errors import InvalidParameter, ParameterTypeError, positive_int
 from .kv_cache_manager import blocks_for_budget
 
 KV_KINDS = ("paged", "slots")
@@ -35,14 +35,6 @@ def given(**options) -> dict:
     return {k: v for k, v in options.items() if v is not UNSET}
 
 
-def positive_int(name: str, v) -> int:
-    if not isinstance(v, int) or isinstance(v, bool):
-        raise TypeError(f"{name} must be an int, got {type(v).__name__}")
-    if v < 1:
-        raise ValueError(f"{name} must be >= 1, got {v}")
-    return v
-
-
 def check_budgets(max_num_seqs: int, max_num_batched_tokens: int,
                   seqs_name: str = "max_num_seqs"):
     """What a schedule needs of its two budgets (``seqs_name``: what the caller calls the
@@ -50,7 +42,7 @@ def check_budgets(max_num_seqs: int, max_num_batched_tokens: int,
     positive_int(seqs_name, max_num_seqs)
     positive_int("max_num_batched_tokens", max_num_batched_tokens)
     if max_num_batched_tokens < max_num_seqs:
-        raise ValueError(f"max_num_batched_tokens ({max_num_batched_tokens}) must be >= "
+        raise InvalidParameter(f"max_num_batched_tokens ({max_num_batched_tokens}) must be >= "
                          f"{seqs_name} ({max_num_seqs}): every running sequence decodes "
                          f"one token per step")
 
@@ -80,17 +72,18 @@ class EngineConfig:
         if self.max_model_len is not None:
             positive_int("max_model_len", self.max_model_len)
         if self.kv not in KV_KINDS:
-            raise ValueError(f"kv must be 'paged' or 'slots', got {self.kv!r}")
+            raise InvalidParameter(f"kv must be 'paged' or 'slots', got {self.kv!r}")
         for name in ("block_size", "kv_cache_tokens", "kv_cache_bytes"):
             if getattr(self, name) is not None:
                 positive_int(name, getattr(self, name))
         if not isinstance(self.enable_prefix_caching, bool):
-            raise TypeError(f"enable_prefix_caching must be a bool, got "
+            raise ParameterTypeError(f"enable_prefix_caching must be a bool, got "
                             f"{type(self.enable_prefix_caching).__name__}")
         if self.kv_cache_tokens is not None and self.kv_cache_bytes is not None:
-            raise ValueError("give the KV budget as kv_cache_tokens or kv_cache_bytes, not both")
+            raise InvalidParameter("give the KV budget as kv_cache_tokens or kv_cache_bytes, "
+                                   "not both")
         if self.kv == "slots" and self.paged_options_given:
-            raise ValueError("block_size, kv_cache_tokens, kv_cache_bytes and "
+            raise InvalidParameter("block_size, kv_cache_tokens, kv_cache_bytes and "
                              "enable_prefix_caching are options of kv='paged', not of "
                              "kv='slots'")
 
@@ -105,7 +98,7 @@ class EngineConfig:
         ctx = model_config.max_position_embeddings
         mml = ctx if self.max_model_len is None else self.max_model_len
         if not 2 <= mml <= ctx:
-            raise ValueError(f"max_model_len must be in [2, {ctx}] (the model's context), "
+            raise InvalidParameter(f"max_model_len must be in [2, {ctx}] (the model's context), "
                              f"got {mml}")
         if self.kv == "slots":
             return replace(self, max_model_len=mml)
@@ -133,4 +126,4 @@ class EngineConfig:
             for field, flag in getattr(args, "_engine_flags", {}).items():
                 if field != "kv":     # "options of kv='paged'" reads better as it is
                     msg = re.sub(rf"\b{field}\b", flag, msg)
-            raise ValueError(msg) from None
+            raise InvalidParameter(msg) from None

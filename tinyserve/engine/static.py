@@ -22,7 +22,8 @@ it by the serving benchmark, returns everything at the end of the batch).
 """
 from __future__ import annotations
 
-from .config import EngineConfig, positive_int
+from ..errors import positive_int
+from .config import EngineConfig
 from .llm_engine import LLMEngine
 from .scheduler import Scheduler
 from .sequence import Sequence, SequenceStatus
