@@ -315,3 +315,24 @@ def test_engine_options_are_family_errors(kw, err):
     """Checked before the (slow) load: the model name need not even exist."""
     with pytest.raises(err):
         LLM("no-such-model", **kw)
+
+
+# ---- chat templates: untrusted code with bounds ---------------------------------------------
+@pytest.mark.parametrize("template, match", [
+    ("{{ 'a' * 10**10 }}", "refused"),
+    ("{{ [1] * 10**9 }}", "refused"),
+    ("{{ 2 ** 100000 }}", "exponents above 64"),
+    ("{% for i in range(100000) %}{% for j in range(100000) %}xy{% endfor %}{% endfor %}",
+     "passed 1,000,000 characters"),
+    ("{% if %}", "syntax error at line 1"),
+    ("{% for m in messages %}", "syntax error"),
+    ("{{ raise_exception('roles must alternate') }}", "roles must alternate"),
+    ("{{ messages.__class__.__mro__ }}", "failed"),            # the sandbox, as before
+])
+def test_bad_chat_templates_are_tokenizer_errors(template, match):
+    from tinyserve.tokenizer import Tokenizer
+    tok = Tokenizer(F.bpe_tokenizer())
+    t = time.perf_counter()
+    with pytest.raises(TokenizerError, match=match):
+        tok.apply_chat_template([{"role": "user", "content": "hi"}], chat_template=template)
+    assert time.perf_counter() - t < 15

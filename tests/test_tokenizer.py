@@ -216,11 +216,11 @@ def test_from_dir_minimal_and_missing(tmp_path):
 def test_template_raise_exception_and_sandbox(tmp_path):
     _write_dir(tmp_path)
     tok = Tokenizer.from_dir(tmp_path)
-    import jinja2
-
-    with pytest.raises(jinja2.TemplateError, match="roles must alternate"):
+    # The template's own errors and the sandbox's refusals arrive as the package's
+    # TokenizerError, naming jinja's exception.
+    with pytest.raises(TokenizerError, match="TemplateError: roles must alternate"):
         tok.apply_chat_template([], chat_template="{{ raise_exception('roles must alternate') }}")
-    with pytest.raises(jinja2.exceptions.SecurityError):
+    with pytest.raises(TokenizerError, match="SecurityError"):
         tok.apply_chat_template([], chat_template="{{ ''.__class__.__mro__ }}")
     # Extra keyword arguments are template variables; tojson does not HTML-escape.
     out = tok.apply_chat_template([], chat_template="{{ tools | tojson }}", tools=[{"a": "<b>"}])

@@ -11,7 +11,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 from tokenizers import Tokenizer as _RustTokenizer
 
-from .chat_template import compile_template
+from .chat_template import render as render_template
 from .errors import TokenizerError
 from .gguf_bpe import load_gguf_tokenizer
 from .hf_dir import load_dir_tokenizer
@@ -162,4 +162,4 @@ class Tokenizer:
         variables.update(kwargs)
         variables["messages"] = [dict(m) for m in messages]
         variables["add_generation_prompt"] = add_generation_prompt
-        return compile_template(template).render(**variables)
+        return render_template(template, variables)
