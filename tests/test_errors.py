@@ -336,3 +336,33 @@ def test_bad_chat_templates_are_tokenizer_errors(template, match):
     with pytest.raises(TokenizerError, match=match):
         tok.apply_chat_template([{"role": "user", "content": "hi"}], chat_template=template)
     assert time.perf_counter() - t < 15
+
+
+@pytest.mark.parametrize("meta, match", [
+    ({"tokenizer.ggml.merges": ["zzzq yyyq"]}, "merges does not fit"),
+    ({"tokenizer.ggml.merges": [1, 2]}, "merges must be an array of strings"),
+    ({"tokenizer.ggml.merges": ["nospace"]}, "merges must be an array of strings"),
+    ({"tokenizer.ggml.token_type": [1]}, "token_type must be an array"),
+])
+def test_bad_gguf_tokenizer_metadata(tmp_path, meta, match):
+    pytest.importorskip("gguf")
+    from tinyserve import load_model
+    c = F.tiny_config()
+    path = F.write_gguf(tmp_path / "t.gguf", c, F.random_state(c), "F32", metadata=meta)
+    with pytest.raises(TokenizerError, match=match):
+        load_model(str(path), device="cpu", dtype=torch.float32)
+
+
+@pytest.mark.parametrize("qtype, native", [("F32", False), ("Q4_1", True)])
+def test_check_finite_names_the_damaged_tensor_at_load(tmp_path, qtype, native):
+    pytest.importorskip("gguf")
+    from tinyserve import load_model
+    c = F.tiny_config(hidden_size=64, num_heads=2, head_dim=32)   # Q4_1 rows: multiples of 64
+    state = F.random_state(c)
+    state["layers.1.mlp_norm.weight"][0] = float("inf")
+    path = F.write_gguf(tmp_path / "t.gguf", c, state, qtype)
+    load_model(str(path), device="cpu", native=native)             # off by default: loads
+    with pytest.raises(WeightsError, match=r"NaN or inf in 1 tensor\(s\) \['layers.1.mlp_norm"):
+        load_model(str(path), device="cpu", native=native, check_finite=True)
+    good = F.write_gguf(tmp_path / "g.gguf", c, F.random_state(c), qtype)
+    load_model(str(good), device="cpu", native=native, check_finite=True)

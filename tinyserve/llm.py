@@ -80,7 +80,7 @@ class LLM:
                  quantization: str | dict | None = None, max_num_batched_tokens=UNSET,
                  kv=UNSET, kv_cache_tokens=UNSET, kv_cache_bytes=UNSET, block_size=UNSET,
                  enable_prefix_caching=UNSET, config: EngineConfig | None = None,
-                 threads: int | None = None):
+                 threads: int | None = None, check_finite: bool = False):
         """``quantization``: None, a method name ("int8", "int4", "nf4", "gguf", ...; see
         ``tinyserve.quant.known_methods()``) or a dict ``{"method": ..., "group_size": ...,
         ...}`` of ``tinyserve.quant.quantize_model`` arguments, applied after loading. The
@@ -96,7 +96,8 @@ class LLM:
         PyTorch's int4/int8 CPU kernels with bf16 activations (``tinyserve.quant.cpu_native``;
         ~95 MB of weights for SmolLM2 instead of 540 MB in fp32). ``dtype="float32"`` (or any
         dtype, or a ``quantization``) loads the dequantized reference instead; on the CPU,
-        ``quantization="int4"`` then runs its layers through the same int4 kernel."""
+        ``quantization="int4"`` then runs its layers through the same int4 kernel.
+        ``check_finite=True``: refuse weights holding NaN or inf at load (``load_model``)."""
         if threads is not None:
             check_threads(threads)
         config = _config(config, max_batch_size, max_num_batched_tokens, kv, kv_cache_tokens,
@@ -109,7 +110,8 @@ class LLM:
             get_method(spec["method"])
         set_threads(threads)
         self.model, self.tokenizer = load_model(model, device=device, dtype=dtype,
-                                                backend=backend, native=quantization is None)
+                                                backend=backend, native=quantization is None,
+                                                check_finite=check_finite)
         if quantization is not None:
             quantize_model(self.model, **spec)
             if spec["method"] == "int4" and self.model.device.type == "cpu":

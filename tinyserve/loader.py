@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from .errors import InvalidParameter
-from .model import Transformer
+from .model import Transformer, WeightsError
 from .ops.cpu_int4 import int4pack_available
 from .ops.cpu_int8 import int8pack_available
 from .quant.cpu_native import build_native_model
@@ -87,18 +87,23 @@ def native_reason(src: Path, dev: torch.device, dtype) -> str | None:
 
 
 def load_model(name_or_path="smollm2", device="auto", dtype=None, backend="auto",
-               native: bool = False):
+               native: bool = False, check_finite: bool = False):
     """-> (model, tokenizer). The model is in eval mode on ``device`` in ``dtype``.
 
     ``native=True`` (what ``LLM`` asks for by default): a GGUF file on the CPU with no
     ``dtype`` runs from its quantized blocks through PyTorch's int4/int8 CPU kernels with
     bf16 activations (``tinyserve.quant.cpu_native``), several times faster and smaller than
     the fp32 reference; where that path cannot run (``native_reason``), the reference loads.
-    The default here stays the fp32 reference, which the notebooks and tests inspect."""
+    The default here stays the fp32 reference, which the notebooks and tests inspect.
+
+    ``check_finite=True`` reads every weight once more and raises ``WeightsError`` naming the
+    tensors that hold NaN or inf (a damaged file otherwise loads and fails only at sampling).
+    It costs one pass over the weights: for SmolLM2 on the development CPU (one thread) about
+    0.2 s on the fp32 reference and 0.7 s on the native path, which decodes the file's blocks."""
     dev = resolve_device(device)
     src = resolve_source(name_or_path)
     if native and native_reason(src, dev, dtype) is None:
-        return _load_native(src, backend)
+        return _load_native(src, backend, check_finite)
     dt = resolve_dtype(dtype, dev)
     packed = {}
     if src.is_dir():
@@ -120,14 +125,28 @@ def load_model(name_or_path="smollm2", device="auto", dtype=None, backend="auto"
     inv_freq = model.inv_freq
     model.to(dtype=dt)
     model.inv_freq = inv_freq.float()  # RoPE frequencies stay fp32 (bf16 would blur them)
+    if check_finite:
+        check_finite_weights(state, source)
     model.load_weights(state, source)
     model.packed_weights = packed
     model.source = source
     return model.to(dev).eval(), tokenizer
 
 
-def _load_native(src: Path, backend: str):
+def check_finite_weights(tensors: dict, source: str) -> None:
+    """WeightsError naming every tensor with NaN or inf; file blocks are decoded one tensor at
+    a time (their fp32 copy is freed before the next)."""
+    bad = [name for name, t in tensors.items()
+           if not torch.isfinite(t if isinstance(t, torch.Tensor) else t.dequantize()).all()]
+    if bad:
+        raise WeightsError(f"{source}: NaN or inf in {len(bad)} tensor(s) {bad[:8]}"
+                           f"{' ...' if len(bad) > 8 else ''}: the file is damaged")
+
+
+def _load_native(src: Path, backend: str, check_finite: bool = False):
     config, state, packed, gfile = load_gguf(src, torch.float32, dequantize=False)
+    if check_finite:
+        check_finite_weights({**state, **packed}, str(src))
     model = build_native_model(config, state, packed, backend, release=gfile.release_pages)
     model.packed_weights = packed
     model.source = str(src)

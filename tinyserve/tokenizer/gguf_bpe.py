@@ -143,6 +143,13 @@ def load_gguf_tokenizer(path_or_reader: str | os.PathLike | Any) -> tuple[_RustT
         # (HF can rebuild merges from the vocabulary; no file we load needs that.)
         raise TokenizerError("GGUF file has no tokenizer.ggml.merges for its BPE vocabulary")
     token_types: list[int] = meta("ggml.token_type") or [1] * len(tokens)
+    if not isinstance(tokens, list) or not all(isinstance(t, str) for t in tokens):
+        raise TokenizerError("tokenizer.ggml.tokens must be an array of strings")
+    if not isinstance(merges, list) or not all(isinstance(m, str) and " " in m for m in merges):
+        raise TokenizerError("tokenizer.ggml.merges must be an array of strings 'left right'")
+    if not isinstance(token_types, list) or len(token_types) != len(tokens):
+        raise TokenizerError(f"tokenizer.ggml.token_type must be an array of one int per token "
+                             f"({len(tokens)})")
 
     # Every ordinary byte-level token is written in the byte alphabet. llama.cpp writes some
     # user-defined tokens as raw text instead (e.g. ones containing a real space); BPE only
@@ -158,7 +165,11 @@ def load_gguf_tokenizer(path_or_reader: str | os.PathLike | Any) -> tuple[_RustT
         for i, t in enumerate(tokens)
     }
     pairs = [tuple(m.split(" ", 1)) for m in merges]
-    bpe = BPE(vocab=vocab, merges=pairs, fuse_unk=False)
+    try:
+        bpe = BPE(vocab=vocab, merges=pairs, fuse_unk=False)
+    except Exception as e:   # e.g. a merge naming a token that is not in the vocabulary
+        raise TokenizerError(f"tokenizer.ggml.merges does not fit tokenizer.ggml.tokens "
+                             f"({type(e).__name__}: {e})") from None
     backend = _RustTokenizer(bpe)
     backend.pre_tokenizer = _byte_level_pre_tokenizer(meta("ggml.pre"))
     backend.decoder = decoders.ByteLevel()
