@@ -366,3 +366,13 @@ def test_check_finite_names_the_damaged_tensor_at_load(tmp_path, qtype, native):
         load_model(str(path), device="cpu", native=native, check_finite=True)
     good = F.write_gguf(tmp_path / "g.gguf", c, F.random_state(c), qtype)
     load_model(str(good), device="cpu", native=native, check_finite=True)
+
+
+def test_a_folder_named_model_safetensors_is_a_checkpoint_error(tmp_path):
+    from tinyserve import load_model
+    F.write_hf_dir(tmp_path)
+    for f in tmp_path.glob("*.safetensors"):
+        f.unlink()
+    (tmp_path / "model.safetensors").mkdir()     # used to fail with "OSError: No such device"
+    with pytest.raises(CheckpointError, match="no \\*.safetensors files"):
+        load_model(str(tmp_path), device="cpu")

@@ -84,7 +84,7 @@ def safetensors_files(directory: Path) -> list[Path]:
         return files
     if (directory / "model.safetensors").is_file():
         return [directory / "model.safetensors"]
-    files = sorted(directory.glob("*.safetensors"))
+    files = sorted(f for f in directory.glob("*.safetensors") if f.is_file())   # no folders
     if not files:
         pickles = sorted(p.name for p in directory.iterdir()
                          if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
@@ -117,7 +117,7 @@ def load_hf_dir(directory, dtype: torch.dtype = torch.float32):
                 return fn(st)
         except CheckpointError:
             raise
-        except (SafetensorError, RuntimeError, TypeError, ValueError) as e:
+        except (SafetensorError, RuntimeError, TypeError, ValueError, OSError) as e:
             raise CheckpointError(f"{f}: unreadable safetensors file "
                                   f"({type(e).__name__}: {e})") from None
 
