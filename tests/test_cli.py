@@ -172,6 +172,15 @@ def test_chat_eof_quits(monkeypatch, capsys, fake):
     assert len(fake.seen) == 1 and fake.seen[0] == [{"role": "user", "content": "hi"}]
 
 
+def test_chat_skips_a_line_that_is_not_utf8(monkeypatch, capsys, fake):
+    """Bytes that are not UTF-8 reach input() as lone surrogates (surrogateescape): the
+    tokenizer used to fail with "TextInputSequence must be str"."""
+    monkeypatch.setattr(sys, "stdin", io.StringIO("bad \udcff\nhi\n"))
+    assert cli.main(["chat"]) == 0
+    assert fake.seen == [[{"role": "user", "content": "hi"}]]
+    assert "not valid UTF-8" in capsys.readouterr().err
+
+
 def test_chat_ctrl_c_stops_the_reply_not_the_session(monkeypatch, capsys, fake):
     fake.replies = [KeyboardInterrupt(), "fine"]
     monkeypatch.setattr(sys, "stdin", io.StringIO("long story\nnext\n/exit\n"))

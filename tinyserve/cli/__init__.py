@@ -7,7 +7,9 @@
 
 ``generate`` streams the completion to stdout and prints one line of statistics to stderr, so
 ``tinyserve generate ... > out.txt`` keeps only the text. Bad arguments print one
-``error: ...`` line to stderr and exit with status 2.
+``error: ...`` line to stderr and exit with status 2; any of the package's own errors (a bad
+file, option or input: ``tinyserve.errors``) prints one line too, and ``--debug`` shows its
+traceback instead.
 
 Heavy imports (torch, the model) happen after the arguments are checked, so ``--help`` and
 argument errors are instant.

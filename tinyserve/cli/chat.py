@@ -12,11 +12,17 @@ CHAT_HELP = "commands: /reset clears the history, /exit (or Ctrl-D) quits, " \
 
 
 def _read_line(prompt: str) -> str | None:
-    """One line of user input, or None at end of input."""
+    """One line of user input, or None at end of input. A line that is not valid UTF-8 (a
+    decode error, or bytes Python kept as lone surrogates) is reported and skipped: ""."""
     try:
-        return input(prompt)
+        line = input(prompt)
+        line.encode("utf-8")
+        return line
     except EOFError:
         return None
+    except UnicodeError:
+        print("error: that line is not valid UTF-8 text; type it again", file=sys.stderr)
+        return ""
 
 
 def cmd_chat(args) -> int:
