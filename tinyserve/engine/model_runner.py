@@ -86,10 +86,13 @@ class ModelRunner:
             return ModelRunnerOutput([], [])
         tokens, errors = _sample(logits, sched.sampled)
         # NaN/inf logits would be sampled silently (greedy argmax) or fail with torch's
-        # "probability tensor contains inf/nan": fail those requests alone, saying why. One
-        # reduction over [M, V] and one small copy to the host per step.
-        for i in (~torch.isfinite(logits).all(dim=-1)).nonzero().flatten().tolist():
-            tokens[i], errors[i] = -1, NON_FINITE
+        # "probability tensor contains inf/nan": fail those requests alone, saying why. The
+        # sum is non-finite if any logit is (~10 us per step for SmolLM2's [1, 49152] on the
+        # development CPU; the per-row test, ~140 us, runs only then: a sum that merely
+        # overflows finds no bad row).
+        if not bool(torch.isfinite(logits.sum())):
+            for i in (~torch.isfinite(logits).all(dim=-1)).nonzero().flatten().tolist():
+                tokens[i], errors[i] = -1, NON_FINITE
         return ModelRunnerOutput(tokens, errors)
 
     @torch.no_grad()
