@@ -110,7 +110,7 @@ def test_dense_prefill_matches_per_row_path(tiny_files):
     blocks (dense bf16); below, the int4/int8 kernels. A 100-token prompt in one call (dense)
     against the same tokens in chunks of 50 through a KV cache (kernels): the weights differ
     only by bf16 rounding of scales, so the same tolerance as against the reference."""
-    path = tiny_files["Q4_1-64rows"]   # (Q4_1 with fusable q/k/v, see test_fuse_int4_equals_parts)
+    path = tiny_files["Q4_1-64rows"]
     model, _ = load_model(path, device="cpu", native=True)
     T = 100
     assert T >= cn.DENSE_ROWS > T // 2
