@@ -376,3 +376,17 @@ def test_a_folder_named_model_safetensors_is_a_checkpoint_error(tmp_path):
     (tmp_path / "model.safetensors").mkdir()     # used to fail with "OSError: No such device"
     with pytest.raises(CheckpointError, match="no \\*.safetensors files"):
         load_model(str(tmp_path), device="cpu")
+
+
+def test_reference_attention_lets_a_nan_through_but_zeroes_empty_rows():
+    """It used to nan_to_num its probabilities, which also hid NaNs from damaged weights."""
+    from tinyserve.ops.attention_common import attention_ref
+    q, k, v = torch.randn(1, 2, 3, 8), torch.randn(1, 2, 5, 8), torch.randn(1, 2, 5, 8)
+    q_pos, kv_len = torch.tensor([[2, 3, 9]]), torch.tensor([4])
+    out = attention_ref(q, k, v, q_pos, kv_len)
+    assert torch.isfinite(out).all()
+    empty = attention_ref(q, k, v, torch.tensor([[2, 3, 4]]), torch.tensor([0]))
+    assert torch.equal(empty, torch.zeros_like(empty))       # no allowed key: zeros
+    k[0, 1, 1, 0] = float("nan")
+    bad = attention_ref(q, k, v, q_pos, kv_len)
+    assert bad[0, 1].isnan().all() and torch.isfinite(bad[0, 0]).all()   # only that head

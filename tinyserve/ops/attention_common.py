@@ -31,8 +31,9 @@ def attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     allowed = allowed[:, None, None].expand(B, 1, G, T, S).reshape(B, 1, G * T, S)
     scores = scores.masked_fill(~allowed, float("-inf"))
     # A padded query row (past its sequence's end) may have no allowed key: give it zeros
-    # rather than NaN so it cannot poison anything downstream.
-    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)
+    # rather than NaN so it cannot poison anything downstream. Only those rows: a NaN that
+    # comes from the inputs (damaged weights) must still show, not be zeroed on the way.
+    probs = torch.softmax(scores, dim=-1).masked_fill(~allowed.any(-1, keepdim=True), 0.0)
     out = probs @ v.float()                                              # [B, Hkv, G*T, D]
     return out.view(B, Hq, T, D).to(q.dtype)
 
