@@ -273,14 +273,7 @@ class LLM:
     # ---- internals -----------------------------------------------------------------------
     @staticmethod
     def _per_prompt(params, n):
-        if params is None:
-            params = SamplingParams()
-        ps = [params] if isinstance(params, SamplingParams) else params
-        if not isinstance(ps, (list, tuple)) or not all(isinstance(p, SamplingParams) for p in ps):
-            raise ParameterTypeError(f"params must be a SamplingParams or a list of them, got "
-                                     f"{type(params).__name__} (build one: "
-                                     f"SamplingParams(**your_dict))")
-        return per_row_params(params, n, "prompts")
+        return per_row_params(SamplingParams() if params is None else params, n, "prompts")
 
     def _engine(self, prompts, params) -> LLMEngine:
         """The engine for these requests: the one kept from earlier calls if it holds enough

@@ -23,6 +23,7 @@ from typing import Sequence, Union
 
 import torch
 
+from .errors import InvalidParameter, ParameterTypeError
 from .sampling_params import SamplingParams
 
 __all__ = [
@@ -147,10 +148,14 @@ def per_row_params(params: SamplingParams | Sequence[SamplingParams], batch: int
     """One SamplingParams for every row, or exactly one per row."""
     if isinstance(params, SamplingParams):
         return [params] * batch
-    params = list(params)
+    if not isinstance(params, (list, tuple)) or not all(isinstance(p, SamplingParams)
+                                                        for p in params):
+        raise ParameterTypeError(f"params must be a SamplingParams or a list of them, got "
+                                 f"{type(params).__name__} (build one: "
+                                 f"SamplingParams(**your_dict))")
     if len(params) != batch:
-        raise ValueError(f"{len(params)} SamplingParams for {batch} {what}")
-    return params
+        raise InvalidParameter(f"{len(params)} SamplingParams for {batch} {what}")
+    return list(params)
 
 
 def logits_to_probs(

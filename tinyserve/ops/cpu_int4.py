@@ -18,9 +18,10 @@ bits); the only roundings are zero = fl(m + 8d) and the final add, so each weigh
 2^-24 (|zero| + 2|w|) of the file's fl(d q + m), and in practice equal (tests/ops/test_cpu_int4.py).
 bf16 mode is NOT exact: the kernel wants scales_and_zeros in the activation dtype, and bf16 keeps
 8 significant bits, so scale and zero are rounded (|dw| <= 2^-8 (8|d| + |zero|)), x is rounded to
-bf16 and y comes back in bf16. It is however the only vectorized path on an AVX2 CPU (fp32 and
-fp16 activations fall back to a scalar loop 20-40x slower, slower than fp32 F.linear): measure
-quality before making it a default. ``compute_dtype`` picks the mode at pack time.
+bf16 and y comes back in bf16. It is however the only vectorized path (fp32 and fp16
+activations fall back to a scalar loop 20-40x slower, slower than fp32 F.linear), so the native
+CPU model (quant/cpu_native.py) uses it; notebook 03 section 9b measures its cost in quality.
+``compute_dtype`` picks the mode at pack time.
 
 These are private aten ops: they may change or vanish between torch versions, so
 ``int4pack_available()`` probes them once (and checks the convention above numerically), and
